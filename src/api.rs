@@ -1,0 +1,288 @@
+//! The local API (plain HTTP on `--api-listen`): "is this number suppressed?", one at a time or
+//! in bulk, a subject's history, health and metrics.
+//!
+//! `/healthz` and `/metrics` are open; every `/v1/...` request needs a Bearer token when
+//! `--api-token-file` is configured.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use hyper::{Method, StatusCode};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::HttpError;
+use crate::event::{ms_to_secs, Subject};
+use crate::server::AppState;
+use crate::store::{Reason, Record, StoredEvent};
+use crate::web::{bytes_response, json_response, path_segment, read_body, Request, Response};
+
+/// Most entries one `POST /v1/check` may carry.
+pub const MAX_CHECK_ENTRIES: usize = 10_000;
+/// A check request of 10,000 long entries stays well below this.
+const MAX_CHECK_BODY: usize = 4 * 1024 * 1024;
+
+pub async fn handle(state: &AppState, request: Request) -> Response {
+    let started = Instant::now();
+    let response = match route(state, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.status().is_server_error() {
+                tracing::error!("API request failed: {error}");
+            }
+            error.into_response()
+        }
+    };
+    state.metrics.api_request(started.elapsed());
+    response
+}
+
+async fn route(state: &AppState, request: Request) -> Result<Response, HttpError> {
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] => {
+            only(&request, &Method::GET)?;
+            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+        }
+        ["metrics"] => {
+            only(&request, &Method::GET)?;
+            let text = state.metrics.render(state.store.size_on_disk().ok());
+            Ok(bytes_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                text,
+            ))
+        }
+        ["v1", rest @ ..] => {
+            if let Some(tokens) = &state.api_tokens {
+                tokens
+                    .authenticate(request.headers())
+                    .map_err(HttpError::auth)?;
+            }
+            match rest {
+                ["phones", phone] => {
+                    only(&request, &Method::GET)?;
+                    phone_record(state, phone)
+                }
+                ["phones", phone, "history"] => {
+                    only(&request, &Method::GET)?;
+                    phone_history(state, phone)
+                }
+                ["check"] => {
+                    only(&request, &Method::POST)?;
+                    check(state, request).await
+                }
+                _ => Err(HttpError::NotFound),
+            }
+        }
+        _ => Err(HttpError::NotFound),
+    }
+}
+
+fn only(request: &Request, method: &Method) -> Result<(), HttpError> {
+    if request.method() == method || (*method == Method::GET && request.method() == Method::HEAD) {
+        return Ok(());
+    }
+    Err(HttpError::MethodNotAllowed {
+        allow: if *method == Method::GET {
+            "GET"
+        } else {
+            "POST"
+        },
+    })
+}
+
+fn phone_subject(state: &AppState, segment: &str) -> Result<Subject, HttpError> {
+    let raw = path_segment(segment)?;
+    let phone = state
+        .phones
+        .normalize(&raw)
+        .map_err(|e| HttpError::bad_field("phone", e.to_string()))?;
+    Ok(Subject::Phone { phone })
+}
+
+fn phone_record(state: &AppState, segment: &str) -> Result<Response, HttpError> {
+    let subject = phone_subject(state, segment)?;
+    let record = state.store.record(&subject)?;
+    state.metrics.lookups(false, 1);
+    Ok(json_response(
+        StatusCode::OK,
+        &record_view(&subject, record.as_ref()),
+    ))
+}
+
+fn phone_history(state: &AppState, segment: &str) -> Result<Response, HttpError> {
+    let subject = phone_subject(state, segment)?;
+    let events = state.store.history(&subject)?;
+    let mut body = subject_fields(&subject);
+    body["events"] = Value::Array(events.iter().map(history_view).collect());
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn subject_fields(subject: &Subject) -> Value {
+    match subject {
+        Subject::Phone { phone } => json!({ "phone": phone }),
+    }
+}
+
+/// The public shape of a record; a subject never seen is simply not suppressed.
+fn record_view(subject: &Subject, record: Option<&Record>) -> Value {
+    let mut body = subject_fields(subject);
+    let empty = Record::default();
+    let record = record.unwrap_or(&empty);
+    body["suppressed"] = json!(record.suppressed());
+    body["since"] = json!(record.since_ms().map(ms_to_secs));
+    body["reasons"] = Value::Array(record.reasons.iter().map(reason_view).collect());
+    body
+}
+
+fn reason_view(reason: &Reason) -> Value {
+    json!({
+        "source": reason.source,
+        "kind": reason.kind,
+        "event_id": reason.event_id,
+        "event_time": ms_to_secs(reason.event_time_ms),
+        "event_time_ms": reason.event_time_ms,
+        "details": reason.details,
+    })
+}
+
+fn history_view(stored: &StoredEvent) -> Value {
+    let event = &stored.event;
+    json!({
+        "source": event.source,
+        "kind": event.kind,
+        "event_id": event.event_id,
+        "event_time": ms_to_secs(event.event_time_ms),
+        "event_time_ms": event.event_time_ms,
+        "receive_time": ms_to_secs(event.receive_time_ms),
+        "receive_time_ms": event.receive_time_ms,
+        "applied": stored.applied,
+        "details": event.details,
+    })
+}
+
+#[derive(Deserialize)]
+struct CheckRequest<'a> {
+    #[serde(borrow, default)]
+    phones: Vec<CheckEntry<'a>>,
+}
+
+/// One entry of a check list: a string to look up, or anything else, which gets an error of its
+/// own instead of failing the whole request.
+enum CheckEntry<'a> {
+    Text(Cow<'a, str>),
+    Other(Value),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for CheckEntry<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = CheckEntry<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a phone number string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                    .map(CheckEntry::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(CheckEntry::Other)
+            }
+        }
+        deserializer.deserialize_any(EntryVisitor)
+    }
+}
+
+#[derive(Serialize)]
+struct CheckResponse<'a> {
+    results: Vec<CheckResult<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum CheckResult<'a> {
+    Found {
+        input: &'a str,
+        phone: String,
+        suppressed: bool,
+        since: Option<i64>,
+    },
+    Invalid {
+        input: &'a Value,
+        error: String,
+    },
+    InvalidText {
+        input: &'a str,
+        error: String,
+    },
+}
+
+async fn check(state: &AppState, request: Request) -> Result<Response, HttpError> {
+    let body = read_body(request, MAX_CHECK_BODY).await?;
+    let parsed: CheckRequest<'_> = serde_json::from_slice(&body).map_err(|e| {
+        HttpError::bad_request(format!("body must be {{\"phones\": [\"...\"]}}: {e}"))
+    })?;
+    if parsed.phones.len() > MAX_CHECK_ENTRIES {
+        return Err(HttpError::bad_field(
+            "phones",
+            format!(
+                "at most {MAX_CHECK_ENTRIES} entries per request, got {}",
+                parsed.phones.len()
+            ),
+        ));
+    }
+    let mut results = Vec::with_capacity(parsed.phones.len());
+    for entry in &parsed.phones {
+        results.push(match entry {
+            CheckEntry::Text(input) => match state.phones.normalize(input) {
+                Ok(phone) => {
+                    let status = state.store.status(&Subject::Phone {
+                        phone: phone.clone(),
+                    })?;
+                    CheckResult::Found {
+                        input,
+                        phone,
+                        suppressed: status.suppressed,
+                        since: status.since_ms.map(ms_to_secs),
+                    }
+                }
+                Err(e) => CheckResult::InvalidText {
+                    input,
+                    error: e.to_string(),
+                },
+            },
+            CheckEntry::Other(input) => CheckResult::Invalid {
+                input,
+                error: "entry must be a phone number string".into(),
+            },
+        });
+    }
+    state.metrics.lookups(true, results.len() as u64);
+    Ok(json_response(StatusCode::OK, &CheckResponse { results }))
+}

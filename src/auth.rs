@@ -1,0 +1,249 @@
+//! Shared secrets and API tokens.
+//!
+//! Secrets are read from files (never argv, so they do not show in `ps`) and kept only as their
+//! SHA-256 digest: comparing two equal-length digests in constant time means a timing attacker
+//! learns neither the secret's bytes nor its length.
+
+use std::path::Path;
+
+use base64::Engine as _;
+use hyper::header::{HeaderMap, AUTHORIZATION};
+use subtle::ConstantTimeEq;
+
+/// Why a request is not authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No credential at all: 401.
+    Missing,
+    /// A credential that matches nothing: 403.
+    Wrong,
+}
+
+/// A secret, held as its digest.
+#[derive(Clone)]
+pub struct Secret([u8; 32]);
+
+impl Secret {
+    pub fn new(secret: &[u8]) -> Self {
+        Secret(sha256(secret))
+    }
+
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        self.0.ct_eq(&sha256(candidate)).into()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Reads a secret file: surrounding whitespace and the trailing newline are not part of it.
+pub fn read_secret_file(path: &Path, flag: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))?;
+    warn_if_world_readable(path, flag);
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!(
+            "{flag} {} is empty; put the secret in it",
+            path.display()
+        ));
+    }
+    Ok(secret.to_owned())
+}
+
+fn warn_if_world_readable(path: &Path, flag: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(
+                "{flag} {} is readable by every user; restrict it with chmod 600",
+                path.display()
+            );
+        }
+    }
+}
+
+/// The credential a provider presented: `Authorization: Bearer <secret>`, HTTP Basic with the
+/// secret as password, or `token=<secret>` in the query (for providers that only take a URL).
+pub fn check_webhook_secret(
+    secret: &Secret,
+    headers: &HeaderMap,
+    token_param: Option<&str>,
+) -> Result<(), AuthFailure> {
+    let mut presented = false;
+    if let Some(candidate) = authorization_secret(headers) {
+        presented = true;
+        if secret.matches(&candidate) {
+            return Ok(());
+        }
+    }
+    if let Some(candidate) = token_param {
+        presented = true;
+        if secret.matches(candidate.as_bytes()) {
+            return Ok(());
+        }
+    }
+    Err(if presented {
+        AuthFailure::Wrong
+    } else {
+        AuthFailure::Missing
+    })
+}
+
+/// The secret carried by an Authorization header, as Bearer token or Basic password.
+fn authorization_secret(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let value = headers.get(AUTHORIZATION)?.as_bytes();
+    let (scheme, rest) = split_scheme(value)?;
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        return Some(rest.to_vec());
+    }
+    if scheme.eq_ignore_ascii_case(b"basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
+        let colon = decoded.iter().position(|&b| b == b':')?;
+        return Some(decoded[colon + 1..].to_vec());
+    }
+    // Any other scheme is still a credential, just one that cannot match.
+    Some(Vec::new())
+}
+
+fn split_scheme(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let rest = &value[space + 1..];
+    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    Some((&value[..space], rest[start..].trim_ascii_end()))
+}
+
+/// The tokens that guard the local API, each with the name recorded as who made a change.
+#[derive(Debug, Clone, Default)]
+pub struct ApiTokens {
+    tokens: Vec<(String, Secret)>,
+}
+
+/// Who made a change through the API when no token names them.
+pub const DEFAULT_ACTOR: &str = "api";
+
+impl ApiTokens {
+    /// One token per line, optionally `name:token` (split at the first `:`); blank lines and
+    /// `#` comments are skipped.
+    pub fn parse(text: &str) -> ApiTokens {
+        let tokens = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(|line| match line.split_once(':') {
+                Some((name, token)) if !name.trim().is_empty() => {
+                    (name.trim().to_owned(), Secret::new(token.trim().as_bytes()))
+                }
+                _ => (DEFAULT_ACTOR.to_owned(), Secret::new(line.as_bytes())),
+            })
+            .collect();
+        ApiTokens { tokens }
+    }
+
+    pub fn read(path: &Path) -> Result<ApiTokens, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --api-token-file {}: {e}", path.display()))?;
+        warn_if_world_readable(path, "--api-token-file");
+        let tokens = ApiTokens::parse(&text);
+        if tokens.tokens.is_empty() {
+            return Err(format!(
+                "--api-token-file {} holds no token; put one token (or name:token) per line",
+                path.display()
+            ));
+        }
+        Ok(tokens)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The name of the token presented as `Authorization: Bearer <token>`.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&str, AuthFailure> {
+        let value = headers.get(AUTHORIZATION).ok_or(AuthFailure::Missing)?;
+        let (scheme, token) = split_scheme(value.as_bytes()).ok_or(AuthFailure::Wrong)?;
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return Err(AuthFailure::Wrong);
+        }
+        // Every token is compared, so timing does not reveal which one matched.
+        let mut found = None;
+        for (name, secret) in &self.tokens {
+            if secret.matches(token) && found.is_none() {
+                found = Some(name.as_str());
+            }
+        }
+        found.ok_or(AuthFailure::Wrong)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, HeaderValue::from_str(auth).expect("ascii"));
+        headers
+    }
+
+    #[test]
+    fn webhook_secret_accepted_three_ways() {
+        let secret = Secret::new(b"s3cret");
+        let basic = base64::engine::general_purpose::STANDARD.encode("lox24:s3cret");
+        assert_eq!(
+            check_webhook_secret(&secret, &headers("Bearer s3cret"), None),
+            Ok(())
+        );
+        assert_eq!(
+            check_webhook_secret(&secret, &headers(&format!("Basic {basic}")), None),
+            Ok(())
+        );
+        assert_eq!(
+            check_webhook_secret(&secret, &HeaderMap::new(), Some("s3cret")),
+            Ok(())
+        );
+        assert_eq!(
+            check_webhook_secret(&secret, &HeaderMap::new(), None),
+            Err(AuthFailure::Missing)
+        );
+        assert_eq!(
+            check_webhook_secret(&secret, &headers("Bearer nope"), None),
+            Err(AuthFailure::Wrong)
+        );
+        assert_eq!(
+            check_webhook_secret(&secret, &HeaderMap::new(), Some("")),
+            Err(AuthFailure::Wrong)
+        );
+    }
+
+    #[test]
+    fn api_tokens_carry_names() {
+        let tokens = ApiTokens::parse("alice:tok-a\n\n  bare-token \n# comment\n");
+        assert_eq!(tokens.authenticate(&headers("Bearer tok-a")), Ok("alice"));
+        assert_eq!(
+            tokens.authenticate(&headers("Bearer bare-token")),
+            Ok("api")
+        );
+        assert_eq!(
+            tokens.authenticate(&headers("Bearer other")),
+            Err(AuthFailure::Wrong)
+        );
+        assert_eq!(
+            tokens.authenticate(&HeaderMap::new()),
+            Err(AuthFailure::Missing)
+        );
+    }
+}

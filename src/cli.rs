@@ -1,0 +1,102 @@
+//! Command-line interface: every flag, its default and its environment variable
+//! (`SUPPRESSD_<FLAG_NAME>`). Secrets are only ever passed as file paths so that they do not
+//! show in `ps`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "suppressd",
+    version,
+    about = "Self-hosted suppression list: receives provider opt-out webhooks over HTTPS and answers \"is this number suppressed?\"",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: the HTTPS webhook listener and the local lookup API.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (journald adds its own timestamps).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory for the database, the self-signed certificate and all other persistent state.
+    #[arg(
+        long,
+        env = "SUPPRESSD_DATA_DIR",
+        value_name = "PATH",
+        default_value = "/var/lib/suppressd"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Public HTTPS listener for provider webhooks.
+    #[arg(
+        long,
+        env = "SUPPRESSD_WEBHOOK_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
+    pub webhook_listen: String,
+
+    /// PEM certificate chain for the webhook listener. With neither --tls-cert nor --tls-key, a
+    /// self-signed certificate is generated into the data directory on first start and reused.
+    #[arg(long, env = "SUPPRESSD_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching --tls-cert.
+    #[arg(long, env = "SUPPRESSD_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Local lookup/admin API (plain HTTP). A non-loopback address requires --api-token-file.
+    #[arg(
+        long,
+        env = "SUPPRESSD_API_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub api_listen: String,
+
+    /// File with API tokens, one per line, optionally `name:token`; when given, every /v1/
+    /// request needs `Authorization: Bearer <token>`, and the token's name is recorded as who made
+    /// a change.
+    #[arg(long, env = "SUPPRESSD_API_TOKEN_FILE", value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// File holding the shared secret LOX24 presents (Bearer, Basic password or ?token=).
+    /// Enables POST /webhooks/lox24.
+    #[arg(long, env = "SUPPRESSD_LOX24_SECRET_FILE", value_name = "PATH")]
+    pub lox24_secret_file: Option<PathBuf>,
+
+    /// Region (ISO 3166 alpha-2, e.g. DE) for numbers written without a country code; without
+    /// it such numbers are rejected.
+    #[arg(long, env = "SUPPRESSD_DEFAULT_REGION", value_name = "CC")]
+    pub default_region: Option<String>,
+
+    /// Database page cache size in MiB. sled counts on-disk bytes, so resident memory can exceed
+    /// this; size MemoryMax= with headroom.
+    #[arg(
+        long,
+        env = "SUPPRESSD_CACHE_MB",
+        value_name = "MIB",
+        default_value_t = 256
+    )]
+    pub cache_mb: u64,
+
+    /// Log line format.
+    #[arg(long, env = "SUPPRESSD_LOG_FORMAT", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}

@@ -1,0 +1,77 @@
+//! The canonical event: what every provider module produces from its payload and the only thing
+//! the store understands. A provider's quirks end at its parser; from here on an unsubscribe from
+//! LOX24 and one from any other source are the same kind of value.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Who or what a suppression is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Subject {
+    /// An E.164 phone number, already normalised.
+    Phone { phone: String },
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Lox24,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Lox24 => "lox24",
+        }
+    }
+}
+
+/// What an event means for its subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The recipient asked not to be messaged again.
+    Unsubscribe,
+}
+
+impl Kind {
+    /// Whether an event of this kind puts its subject on the suppression list.
+    pub fn suppresses(self) -> bool {
+        match self {
+            Kind::Unsubscribe => true,
+        }
+    }
+}
+
+/// One thing that happened to one subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub subject: Subject,
+    pub source: Source,
+    pub kind: Kind,
+    /// Deduplicates redeliveries: the same key is applied once, ever.
+    pub idempotency_key: String,
+    /// The provider's own id for the event, where it gives one.
+    pub event_id: Option<String>,
+    /// When it happened, per the provider (Unix milliseconds); orders events of one subject.
+    pub event_time_ms: i64,
+    /// When suppressd received it (Unix milliseconds).
+    pub receive_time_ms: i64,
+    /// The provider's descriptive fields, absent where the provider sent none or an ill-typed one.
+    pub details: Map<String, Value>,
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let elapsed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Unix milliseconds floored to Unix seconds.
+pub fn ms_to_secs(ms: i64) -> i64 {
+    ms.div_euclid(1000)
+}

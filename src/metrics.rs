@@ -1,0 +1,203 @@
+//! Counters and histograms, rendered in the Prometheus text format on `GET /metrics`.
+//!
+//! Kept deliberately small: a handful of labelled counters behind one mutex (webhooks are
+//! hundreds to thousands per second, far below where that lock matters) and lock-free atomics for
+//! the per-lookup hot path.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds, in seconds, of the latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&bound| secs <= bound) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// Rendered label set → count, e.g. `source="lox24",outcome="accepted",status="200"`.
+    webhooks: Mutex<BTreeMap<String, u64>>,
+    /// Events acknowledged but not applied: `source`, `reason`.
+    ignored: Mutex<BTreeMap<String, u64>>,
+    lookups_single: AtomicU64,
+    lookups_bulk: AtomicU64,
+    webhook_latency: Histogram,
+    api_latency: Histogram,
+    flush_latency: Histogram,
+    flush_failures: AtomicU64,
+    flushed_requests: AtomicU64,
+}
+
+fn bump(map: &Mutex<BTreeMap<String, u64>>, key: String) {
+    let mut map = match map.lock() {
+        Ok(map) => map,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    *map.entry(key).or_default() += 1;
+}
+
+impl Metrics {
+    /// One webhook request and how it ended (`accepted`, `duplicate`, `ignored`, `rejected`).
+    pub fn webhook(&self, source: &str, outcome: &str, status: u16, elapsed: Duration) {
+        bump(
+            &self.webhooks,
+            format!("source=\"{source}\",outcome=\"{outcome}\",status=\"{status}\""),
+        );
+        self.webhook_latency.observe(elapsed);
+    }
+
+    /// An event that was acknowledged without changing anything, and why.
+    pub fn ignored(&self, source: &str, reason: &str) {
+        bump(
+            &self.ignored,
+            format!("source=\"{source}\",reason=\"{}\"", escape_label(reason)),
+        );
+    }
+
+    pub fn lookups(&self, bulk: bool, count: u64) {
+        let counter = if bulk {
+            &self.lookups_bulk
+        } else {
+            &self.lookups_single
+        };
+        counter.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn api_request(&self, elapsed: Duration) {
+        self.api_latency.observe(elapsed);
+    }
+
+    pub fn store_flushed(&self, elapsed: Duration, requests: usize, ok: bool) {
+        self.flush_latency.observe(elapsed);
+        self.flushed_requests
+            .fetch_add(requests as u64, Ordering::Relaxed);
+        if !ok {
+            self.flush_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn render(&self, size_on_disk: Option<u64>) -> String {
+        let mut out = String::with_capacity(4096);
+        render_counter_map(
+            &mut out,
+            "suppressd_webhook_requests_total",
+            "Webhook requests by source, outcome and HTTP status.",
+            &self.webhooks,
+        );
+        render_counter_map(
+            &mut out,
+            "suppressd_webhook_ignored_events_total",
+            "Events acknowledged without effect, by source and reason.",
+            &self.ignored,
+        );
+        out.push_str("# HELP suppressd_lookups_total Subjects looked up, single or in bulk.\n");
+        out.push_str("# TYPE suppressd_lookups_total counter\n");
+        let single = self.lookups_single.load(Ordering::Relaxed);
+        let bulk = self.lookups_bulk.load(Ordering::Relaxed);
+        let _ = writeln!(out, "suppressd_lookups_total{{mode=\"single\"}} {single}");
+        let _ = writeln!(out, "suppressd_lookups_total{{mode=\"bulk\"}} {bulk}");
+        for (name, help, histogram) in [
+            (
+                "suppressd_webhook_request_duration_seconds",
+                "Webhook request latency.",
+                &self.webhook_latency,
+            ),
+            (
+                "suppressd_api_request_duration_seconds",
+                "Local API request latency.",
+                &self.api_latency,
+            ),
+            (
+                "suppressd_store_flush_duration_seconds",
+                "Group-commit flush (sled flush + fdatasync) latency.",
+                &self.flush_latency,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            histogram.render(&mut out, name, "");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP suppressd_store_flush_failures_total Group commits whose flush failed.\n# TYPE suppressd_store_flush_failures_total counter\nsuppressd_store_flush_failures_total {}",
+            self.flush_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP suppressd_store_committed_requests_total Requests made durable by group commits.\n# TYPE suppressd_store_committed_requests_total counter\nsuppressd_store_committed_requests_total {}",
+            self.flushed_requests.load(Ordering::Relaxed)
+        );
+        if let Some(bytes) = size_on_disk {
+            let _ = writeln!(
+                out,
+                "# HELP suppressd_store_size_bytes Database size on disk.\n# TYPE suppressd_store_size_bytes gauge\nsuppressd_store_size_bytes {bytes}"
+            );
+        }
+        out
+    }
+}
+
+fn render_counter_map(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    map: &Mutex<BTreeMap<String, u64>>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    let map = match map.lock() {
+        Ok(map) => map,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    for (labels, count) in map.iter() {
+        let _ = writeln!(out, "{name}{{{labels}}} {count}");
+    }
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,140 @@
+//! `suppressd serve`: turns the flags into a running service. Everything that can be wrong with
+//! the configuration is checked here, before anything listens, and reported as one line that says
+//! what to fix.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{self, ApiTokens, Secret};
+use crate::cli::ServeArgs;
+use crate::metrics::Metrics;
+use crate::phone::Normalizer;
+use crate::server::{self, AppState, Listeners};
+use crate::store::{Store, StoreConfig, StoreError};
+use crate::tls::CertSource;
+use crate::webhooks::WebhookConfig;
+
+/// A startup failure: the message is the one line the operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl StartupError {
+    /// Process exit code: 1 for configuration problems, 3 when the database cannot be used.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartupError::Config(_) => 1,
+            StartupError::Store(_) => 3,
+        }
+    }
+}
+
+impl From<String> for StartupError {
+    fn from(message: String) -> Self {
+        StartupError::Config(message)
+    }
+}
+
+pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
+    let phones = Normalizer::new(args.default_region.as_deref())?;
+    let certs =
+        CertSource::from_flags(args.tls_cert.clone(), args.tls_key.clone(), &args.data_dir)?;
+    let api_tokens = args
+        .api_token_file
+        .as_deref()
+        .map(ApiTokens::read)
+        .transpose()?;
+    let api_addrs = server::resolve(&args.api_listen, "--api-listen")?;
+    if api_tokens.is_none() && !api_addrs.iter().all(is_loopback) {
+        return Err(StartupError::Config(format!(
+            "--api-listen {} is not a loopback address; give --api-token-file so the API is not open to the network",
+            args.api_listen
+        )));
+    }
+    let webhook_addrs = server::resolve(&args.webhook_listen, "--webhook-listen")?;
+    let webhooks = WebhookConfig {
+        lox24: read_secret(args.lox24_secret_file.as_deref(), "--lox24-secret-file")?,
+    };
+    if webhooks.lox24.is_none() {
+        tracing::warn!(
+            "no provider is enabled (give --lox24-secret-file); every webhook will be answered 404"
+        );
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    let store_config = StoreConfig {
+        path: args.data_dir.join("db"),
+        cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+    };
+    let store = {
+        let metrics = metrics.clone();
+        tokio::task::spawn_blocking(move || Store::open(&store_config, metrics))
+            .await
+            .map_err(|e| StartupError::Config(format!("opening the database panicked: {e}")))??
+    };
+    let tls = TlsAcceptor::from(certs.load()?);
+
+    let listeners = Listeners {
+        webhook: server::bind(webhook_addrs[0], "--webhook-listen").await?,
+        api: server::bind(api_addrs[0], "--api-listen").await?,
+    };
+    phones.warm();
+    let state = Arc::new(AppState {
+        store,
+        phones,
+        metrics,
+        webhooks,
+        api_tokens,
+    });
+    tracing::info!(
+        webhook = %local_addr(&listeners.webhook),
+        api = %local_addr(&listeners.api),
+        data_dir = %args.data_dir.display(),
+        "suppressd ready"
+    );
+    server::run(listeners, tls, state, shutdown_signal()).await;
+    Ok(())
+}
+
+fn read_secret(path: Option<&std::path::Path>, flag: &str) -> Result<Option<Secret>, String> {
+    path.map(|path| auth::read_secret_file(path, flag).map(|s| Secret::new(s.as_bytes())))
+        .transpose()
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn local_addr(listener: &tokio::net::TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,290 @@
+//! The store: the one module that owns the sled database, every tree in it, and every decision
+//! about when data is durable.
+//!
+//! Trees (keys are [`subject_key`]s, which are prefix-free so that a subject's history is one
+//! range scan):
+//! - `records`: subject key → [`Record`] (fixed status header + JSON). A lookup is one point read.
+//! - `history`: subject key ‖ event time (ms, order-preserving) ‖ sequence → [`StoredEvent`].
+//! - `idempotency`: event idempotency key → the history key it produced.
+//!
+//! Reads go straight to sled from any thread. All writes go through the [`committer`], a single
+//! thread that applies queued requests and then makes them durable with one flush for the whole
+//! batch (group commit). A request is answered only after that flush, which is what lets webhooks
+//! promise "no 2xx before durable".
+
+mod committer;
+pub mod record;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::{Event, Subject};
+use crate::metrics::Metrics;
+pub use record::{Reason, Record, Status};
+
+/// What a committed event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// New, recorded in the history, and the record changed.
+    Applied,
+    /// New and recorded in the history, but the record was already in that state.
+    Recorded,
+    /// Seen before under the same idempotency key: nothing changed.
+    Duplicate,
+}
+
+/// A history entry as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    #[serde(flatten)]
+    pub event: Event,
+    /// Whether the event changed the record when it arrived.
+    pub applied: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database at {path} is locked by another process; stop the other suppressd using this --data-dir or choose another one")]
+    Locked { path: PathBuf },
+    #[error("database at {path} is corrupt ({detail}); restore the data directory from a backup, or move it aside to start empty")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("cannot open database at {path}: {source}; check that the directory exists and is writable by this user")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("making writes durable failed: {0}")]
+    Sync(#[from] std::io::Error),
+    #[error(transparent)]
+    CorruptRecord(#[from] record::CorruptRecord),
+    #[error("history entry is unreadable: {0}")]
+    CorruptHistory(serde_json::Error),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// Tunables that come from the command line.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub cache_bytes: u64,
+}
+
+/// The open database. Cheap to share behind an `Arc`.
+pub struct Store {
+    db: sled::Db,
+    trees: Trees,
+    committer: mpsc::Sender<committer::Job>,
+    committer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Clone)]
+struct Trees {
+    records: sled::Tree,
+    history: sled::Tree,
+    idempotency: sled::Tree,
+}
+
+/// How many requests may wait for the committer before senders are slowed down.
+const COMMIT_QUEUE: usize = 4096;
+
+impl Store {
+    pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        let path = &config.path;
+        std::fs::create_dir_all(path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let db = open_sled(config)?;
+        let classify = |e: sled::Error| classify_open_error(path, e);
+        let trees = Trees {
+            records: db.open_tree("records").map_err(classify)?,
+            history: db.open_tree("history").map_err(classify)?,
+            idempotency: db.open_tree("idempotency").map_err(classify)?,
+        };
+        // sled's own flush ends in sync_file_range, which survives a process kill but not a power
+        // cut; an fdatasync on the log file after it makes the same bytes durable for real.
+        let log_file = File::open(path.join("db")).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
+        let thread = committer::spawn(db.clone(), trees.clone(), log_file, receiver, metrics)
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Store {
+            db,
+            trees,
+            committer: sender,
+            committer_thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Applies `events` as one atomic unit and returns once they are durable.
+    pub async fn commit(&self, events: Vec<Event>) -> Result<Vec<Outcome>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.committer
+            .send(committer::Job::Commit { events, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The full record of a subject, `None` if it was never seen.
+    pub fn record(&self, subject: &Subject) -> Result<Option<Record>, StoreError> {
+        match self.trees.records.get(subject_key(subject))? {
+            Some(bytes) => Ok(Some(Record::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a subject is suppressed, reading only the record's fixed header.
+    pub fn status(&self, subject: &Subject) -> Result<Status, StoreError> {
+        match self.trees.records.get(subject_key(subject))? {
+            Some(bytes) => Ok(record::decode_status(&bytes)?),
+            None => Ok(Status::default()),
+        }
+    }
+
+    /// Every event received for a subject, oldest event time first.
+    pub fn history(&self, subject: &Subject) -> Result<Vec<StoredEvent>, StoreError> {
+        self.trees
+            .history
+            .scan_prefix(subject_key(subject))
+            .values()
+            .map(|value| {
+                let value = value?;
+                serde_json::from_slice(&value).map_err(StoreError::CorruptHistory)
+            })
+            .collect()
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Stops the committer once it has answered every request queued before this call; it
+    /// flushes on the way out.
+    pub async fn close(&self, timeout: Duration) {
+        let thread = match self.committer_thread.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(thread) = thread else { return };
+        // Other holders of the sender would keep the channel open, so stopping is explicit.
+        if self.committer.send(committer::Job::Stop).await.is_err() {
+            tracing::error!("store committer had already stopped");
+        }
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        match tokio::time::timeout(timeout, joined).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(_) => tracing::error!("store committer panicked"),
+            Err(_) => tracing::error!("store committer did not stop within {timeout:?}"),
+        }
+    }
+}
+
+fn open_sled(config: &StoreConfig) -> Result<sled::Db, StoreError> {
+    let path = &config.path;
+    let sled_config = sled::Config::new()
+        .path(path)
+        .cache_capacity(config.cache_bytes)
+        .flush_every_ms(Some(500));
+    // A torn or corrupt log can make sled panic instead of returning an error; either way the
+    // operator gets one line saying the database is corrupt, not a backtrace.
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()));
+    std::panic::set_hook(previous_hook);
+    match opened {
+        Ok(result) => result.map_err(|e| classify_open_error(path, e)),
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "sled panicked while recovering".into());
+            Err(StoreError::Corrupt {
+                path: path.clone(),
+                detail,
+            })
+        }
+    }
+}
+
+fn classify_open_error(path: &Path, error: sled::Error) -> StoreError {
+    let path = path.to_path_buf();
+    match error {
+        sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+            StoreError::Locked { path }
+        }
+        sled::Error::Io(source) => StoreError::Open { path, source },
+        other => StoreError::Corrupt {
+            path,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// The key of a subject in every tree. Each part carries its length so that no subject's key is
+/// a prefix of another's, which keeps history prefix scans exact.
+pub fn subject_key(subject: &Subject) -> Vec<u8> {
+    match subject {
+        Subject::Phone { phone } => {
+            let mut key = Vec::with_capacity(phone.len() + 2);
+            key.push(b'p');
+            key.push(u8::try_from(phone.len()).unwrap_or(u8::MAX));
+            key.extend_from_slice(phone.as_bytes());
+            key
+        }
+    }
+}
+
+/// History keys sort by event time within a subject; `sequence` keeps events of the same
+/// millisecond in arrival order.
+fn history_key(subject_key: &[u8], event_time_ms: i64, sequence: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(subject_key.len() + 16);
+    key.extend_from_slice(subject_key);
+    // Flipping the sign bit makes the big-endian bytes of an i64 sort like the number.
+    key.extend_from_slice(&((event_time_ms as u64) ^ (1 << 63)).to_be_bytes());
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_keys_are_prefix_free() {
+        let short = subject_key(&Subject::Phone {
+            phone: "+491234567".into(),
+        });
+        let long = subject_key(&Subject::Phone {
+            phone: "+4912345678".into(),
+        });
+        assert!(!long.starts_with(&short));
+    }
+
+    #[test]
+    fn history_keys_sort_by_event_time() {
+        let subject = subject_key(&Subject::Phone {
+            phone: "+491234567".into(),
+        });
+        let early = history_key(&subject, -5, 9);
+        let later = history_key(&subject, 3, 1);
+        let latest = history_key(&subject, 3, 2);
+        assert!(early < later && later < latest);
+    }
+}

@@ -1,0 +1,197 @@
+//! The suppression record of one subject and the rules that change it. Pure data and pure
+//! functions: the committer feeds events through [`Record::apply`] and stores the result; nothing
+//! here touches the disk.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::event::{Event, Kind, Source};
+
+/// Stored value layout version; bump when the layout changes.
+const FORMAT_VERSION: u8 = 1;
+/// `[version][suppressed][since_ms: i64 BE]`, then the JSON of the record. The fixed header lets a
+/// bulk check answer from ten bytes without parsing JSON.
+const HEADER_LEN: usize = 10;
+/// A subject that unsubscribes over and over keeps every event in its history, but only this many
+/// reasons in its record (the earliest ones, which decide `since`), so that a record stays small
+/// enough to live inside sled's log rather than in an unsynced blob file.
+pub const MAX_REASONS: usize = 64;
+
+/// Why a subject is suppressed: one event that is in force.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reason {
+    pub source: Source,
+    pub kind: Kind,
+    pub event_id: Option<String>,
+    pub event_time_ms: i64,
+    pub details: Map<String, Value>,
+}
+
+/// Everything the list knows about one subject now (its past is in the history tree).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Events in force, earliest first; the subject is suppressed while there is any.
+    pub reasons: Vec<Reason>,
+    /// Receive time of the last event that changed the record.
+    pub changed_at_ms: i64,
+}
+
+/// The part of a record a bulk check needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Status {
+    pub suppressed: bool,
+    pub since_ms: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("stored record is unreadable ({0}); restore the data directory from a backup or export")]
+pub struct CorruptRecord(String);
+
+impl Record {
+    pub fn suppressed(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+
+    /// The earliest event time among the reasons in force.
+    pub fn since_ms(&self) -> Option<i64> {
+        self.reasons.iter().map(|r| r.event_time_ms).min()
+    }
+
+    /// Applies `event`, returning whether the record changed.
+    pub fn apply(&mut self, event: &Event) -> bool {
+        match event.kind {
+            Kind::Unsubscribe => self.add_reason(event),
+        }
+    }
+
+    fn add_reason(&mut self, event: &Event) -> bool {
+        if self.reasons.len() >= MAX_REASONS {
+            let Some(latest) = self.reasons.last() else {
+                return false;
+            };
+            if event.event_time_ms >= latest.event_time_ms {
+                return false;
+            }
+            self.reasons.pop();
+        }
+        let at = self
+            .reasons
+            .partition_point(|r| r.event_time_ms <= event.event_time_ms);
+        self.reasons.insert(
+            at,
+            Reason {
+                source: event.source,
+                kind: event.kind,
+                event_id: event.event_id.clone(),
+                event_time_ms: event.event_time_ms,
+                details: event.details.clone(),
+            },
+        );
+        self.changed_at_ms = event.receive_time_ms;
+        true
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            suppressed: self.suppressed(),
+            since_ms: self.since_ms(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let status = self.status();
+        let mut out = Vec::with_capacity(256);
+        out.push(FORMAT_VERSION);
+        out.push(u8::from(status.suppressed));
+        out.extend_from_slice(&status.since_ms.unwrap_or(i64::MIN).to_be_bytes());
+        // Serialising plain data into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, self);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Record, CorruptRecord> {
+        decode_status(bytes)?;
+        serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|e| CorruptRecord(e.to_string()))
+    }
+}
+
+/// Reads only the fixed header of a stored record.
+pub fn decode_status(bytes: &[u8]) -> Result<Status, CorruptRecord> {
+    let header: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| CorruptRecord(format!("{} bytes is shorter than a header", bytes.len())))?;
+    if header[0] != FORMAT_VERSION {
+        return Err(CorruptRecord(format!(
+            "unknown format version {}",
+            header[0]
+        )));
+    }
+    let mut since = [0u8; 8];
+    since.copy_from_slice(&header[2..]);
+    let since = i64::from_be_bytes(since);
+    Ok(Status {
+        suppressed: header[1] != 0,
+        since_ms: (since != i64::MIN).then_some(since),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Subject;
+
+    fn unsubscribe(id: &str, at_ms: i64) -> Event {
+        Event {
+            subject: Subject::Phone {
+                phone: "+4911113333444".into(),
+            },
+            source: Source::Lox24,
+            kind: Kind::Unsubscribe,
+            idempotency_key: format!("lox24:{id}"),
+            event_id: Some(id.into()),
+            event_time_ms: at_ms,
+            receive_time_ms: at_ms + 5,
+            details: Map::new(),
+        }
+    }
+
+    #[test]
+    fn since_is_the_earliest_unsubscribe_in_force() {
+        let mut record = Record::default();
+        assert!(record.apply(&unsubscribe("b", 2_000)));
+        assert!(record.apply(&unsubscribe("a", 1_000)));
+        assert!(record.apply(&unsubscribe("c", 3_000)));
+        assert_eq!(record.since_ms(), Some(1_000));
+        let ids: Vec<_> = record
+            .reasons
+            .iter()
+            .filter_map(|r| r.event_id.as_deref())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn reasons_are_capped_keeping_the_earliest() {
+        let mut record = Record::default();
+        for i in 0..MAX_REASONS as i64 + 10 {
+            record.apply(&unsubscribe(&i.to_string(), 10_000 + i));
+        }
+        assert_eq!(record.reasons.len(), MAX_REASONS);
+        assert!(record.apply(&unsubscribe("early", 5)));
+        assert_eq!(record.reasons.len(), MAX_REASONS);
+        assert_eq!(record.since_ms(), Some(5));
+    }
+
+    #[test]
+    fn encoding_round_trips_and_header_matches() {
+        let mut record = Record::default();
+        record.apply(&unsubscribe("a", 1_757_849_748_000));
+        let bytes = record.encode();
+        assert_eq!(Record::decode(&bytes).ok(), Some(record.clone()));
+        assert_eq!(decode_status(&bytes).ok(), Some(record.status()));
+        let empty = Record::default().encode();
+        assert_eq!(decode_status(&empty).ok(), Some(Status::default()));
+        assert!(decode_status(&bytes[..4]).is_err());
+    }
+}

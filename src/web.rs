@@ -1,0 +1,122 @@
+//! HTTP plumbing shared by the webhook and API routers: response bodies, bounded body reading and
+//! query strings.
+
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::StatusCode;
+use percent_encoding::percent_decode_str;
+
+use crate::error::HttpError;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+pub type Request = hyper::Request<Incoming>;
+pub type Response = hyper::Response<Body>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    // Serialising an in-memory value cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes_response(status, "application/json", bytes)
+}
+
+pub fn bytes_response(
+    status: StatusCode,
+    content_type: &'static str,
+    bytes: impl Into<Bytes>,
+) -> Response {
+    let mut response = hyper::Response::new(full(bytes));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Reads a whole request body of at most `limit` bytes; a larger one is 413. The excess is read
+/// and discarded (up to [`DRAIN_LIMIT`]) rather than left unread, because closing a socket with
+/// unread data resets it and the client would see a broken connection instead of the 413.
+pub async fn read_body(request: Request, limit: usize) -> Result<Bytes, HttpError> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = request.into_body();
+    let too_large = declared.is_some_and(|len| len > limit as u64);
+    let mut collected = BytesMut::with_capacity(if too_large {
+        0
+    } else {
+        declared.unwrap_or(0) as usize
+    });
+    let mut seen: usize = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| HttpError::bad_request(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if !too_large && seen <= limit {
+            collected.extend_from_slice(&data);
+        }
+    }
+    if too_large || seen > limit {
+        return Err(HttpError::PayloadTooLarge { limit });
+    }
+    Ok(collected.freeze())
+}
+
+/// How much of an oversized body is read and thrown away before the connection is dropped.
+pub const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// The percent-decoded value of the first `name=` parameter. A `+` stays a `+`: secrets and
+/// signatures are often base64, and providers rarely encode them.
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<Cow<'a, str>> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode_str(key).decode_utf8_lossy() == name)
+            .then(|| percent_decode_str(value).decode_utf8_lossy())
+    })
+}
+
+/// A percent-decoded path segment (`%2B` is `+`; a literal `+` stays `+`).
+pub fn path_segment(segment: &str) -> Result<Cow<'_, str>, HttpError> {
+    percent_decode_str(segment).decode_utf8().map_err(|_| {
+        HttpError::bad_request("path segment is not valid UTF-8 after percent-decoding")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded_but_plus_is_literal() {
+        assert_eq!(
+            query_param(Some("a=1&token=ab%2Fc+d"), "token").as_deref(),
+            Some("ab/c+d")
+        );
+        assert_eq!(query_param(Some("token"), "token").as_deref(), Some(""));
+        assert_eq!(query_param(Some("a=1"), "token"), None);
+        assert_eq!(query_param(None, "token"), None);
+    }
+
+    #[test]
+    fn path_segments_decode() {
+        assert_eq!(path_segment("%2B4930").ok().as_deref(), Some("+4930"));
+        assert_eq!(path_segment("+4930").ok().as_deref(), Some("+4930"));
+    }
+}
