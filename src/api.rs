@@ -16,7 +16,9 @@ use crate::error::HttpError;
 use crate::event::{ms_to_secs, Subject};
 use crate::server::AppState;
 use crate::store::{Reason, Record, StoredEvent};
-use crate::web::{bytes_response, json_response, path_segment, read_body, Request, Response};
+use crate::web::{
+    bytes_response, discard_body, json_response, path_segment, read_body, Request, Response,
+};
 
 /// Most entries one `POST /v1/check` may carry.
 pub const MAX_CHECK_ENTRIES: usize = 10_000;
@@ -38,16 +40,79 @@ pub async fn handle(state: &AppState, request: Request) -> Response {
     response
 }
 
+/// The endpoints of the API, recognised from the path alone.
+enum Endpoint<'a> {
+    Health,
+    Metrics,
+    Phone(&'a str),
+    PhoneHistory(&'a str),
+    Check,
+}
+
+impl<'a> Endpoint<'a> {
+    fn parse(path: &'a str) -> Option<Self> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        Some(match segments.as_slice() {
+            ["healthz"] => Endpoint::Health,
+            ["metrics"] => Endpoint::Metrics,
+            ["v1", "phones", phone] => Endpoint::Phone(phone),
+            ["v1", "phones", phone, "history"] => Endpoint::PhoneHistory(phone),
+            ["v1", "check"] => Endpoint::Check,
+            _ => return None,
+        })
+    }
+
+    /// The method the endpoint answers (`HEAD` is accepted wherever `GET` is).
+    fn method(&self) -> Method {
+        match self {
+            Endpoint::Check => Method::POST,
+            _ => Method::GET,
+        }
+    }
+
+    /// Health and metrics stay open so that probes and scrapers need no token.
+    fn needs_token(&self) -> bool {
+        !matches!(self, Endpoint::Health | Endpoint::Metrics)
+    }
+}
+
+/// Checks in the same order as the webhooks: 404 → 405 → 401/403, then the endpoint.
 async fn route(state: &AppState, request: Request) -> Result<Response, HttpError> {
     let path = request.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match segments.as_slice() {
-        ["healthz"] => {
-            only(&request, &Method::GET)?;
-            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+    let endpoint = Endpoint::parse(&path);
+    let refusal = match &endpoint {
+        None => Some(HttpError::NotFound),
+        Some(endpoint) => {
+            let expected = endpoint.method();
+            let method_ok = *request.method() == expected
+                || (expected == Method::GET && request.method() == Method::HEAD);
+            if !method_ok {
+                Some(HttpError::MethodNotAllowed {
+                    allow: if expected == Method::GET {
+                        "GET"
+                    } else {
+                        "POST"
+                    },
+                })
+            } else {
+                match (&state.api_tokens, endpoint.needs_token()) {
+                    (Some(tokens), true) => tokens
+                        .authenticate(request.headers())
+                        .err()
+                        .map(HttpError::auth),
+                    _ => None,
+                }
+            }
         }
-        ["metrics"] => {
-            only(&request, &Method::GET)?;
+    };
+    if let Some(error) = refusal {
+        discard_body(request).await;
+        return Err(error);
+    }
+    match endpoint {
+        None => Err(HttpError::NotFound),
+        Some(Endpoint::Health) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        Some(Endpoint::Metrics) => {
             let text = state.metrics.render(state.store.size_on_disk().ok());
             Ok(bytes_response(
                 StatusCode::OK,
@@ -55,43 +120,10 @@ async fn route(state: &AppState, request: Request) -> Result<Response, HttpError
                 text,
             ))
         }
-        ["v1", rest @ ..] => {
-            if let Some(tokens) = &state.api_tokens {
-                tokens
-                    .authenticate(request.headers())
-                    .map_err(HttpError::auth)?;
-            }
-            match rest {
-                ["phones", phone] => {
-                    only(&request, &Method::GET)?;
-                    phone_record(state, phone)
-                }
-                ["phones", phone, "history"] => {
-                    only(&request, &Method::GET)?;
-                    phone_history(state, phone)
-                }
-                ["check"] => {
-                    only(&request, &Method::POST)?;
-                    check(state, request).await
-                }
-                _ => Err(HttpError::NotFound),
-            }
-        }
-        _ => Err(HttpError::NotFound),
+        Some(Endpoint::Phone(phone)) => phone_record(state, phone),
+        Some(Endpoint::PhoneHistory(phone)) => phone_history(state, phone),
+        Some(Endpoint::Check) => check(state, request).await,
     }
-}
-
-fn only(request: &Request, method: &Method) -> Result<(), HttpError> {
-    if request.method() == method || (*method == Method::GET && request.method() == Method::HEAD) {
-        return Ok(());
-    }
-    Err(HttpError::MethodNotAllowed {
-        allow: if *method == Method::GET {
-            "GET"
-        } else {
-            "POST"
-        },
-    })
 }
 
 fn phone_subject(state: &AppState, segment: &str) -> Result<Subject, HttpError> {

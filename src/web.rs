@@ -79,8 +79,21 @@ pub async fn read_body(request: Request, limit: usize) -> Result<Bytes, HttpErro
     Ok(collected.freeze())
 }
 
-/// How much of an oversized body is read and thrown away before the connection is dropped.
-pub const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+/// How much of an unwanted body is read and thrown away before the connection is dropped.
+pub const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Reads and drops the body of a request that is refused before its body matters (404, 405,
+/// 401, 403), so the client receives the error instead of a reset connection.
+pub async fn discard_body(request: Request) {
+    let mut body = request.into_body();
+    let mut seen: usize = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen = seen.saturating_add(frame.data_ref().map_or(0, |d| d.len()));
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+}
 
 /// The percent-decoded value of the first `name=` parameter. A `+` stays a `+`: secrets and
 /// signatures are often base64, and providers rarely encode them.

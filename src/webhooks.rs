@@ -16,7 +16,7 @@ use crate::event::now_ms;
 use crate::providers::lox24;
 use crate::server::AppState;
 use crate::store::Outcome;
-use crate::web::{json_response, query_param, read_body, Request, Response};
+use crate::web::{discard_body, json_response, query_param, read_body, Request, Response};
 
 /// Largest accepted webhook body: 1 MiB (exactly 1,048,576 bytes is still accepted).
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -29,15 +29,15 @@ pub struct WebhookConfig {
 
 pub async fn handle(state: &AppState, request: Request) -> Response {
     let started = Instant::now();
-    match request.uri().path() {
-        "/webhooks/lox24" => match &state.webhooks.lox24 {
-            Some(secret) => {
-                let result = lox24_delivery(state, secret, request).await;
-                finish(state, "lox24", started, result)
-            }
-            None => HttpError::NotFound.into_response(),
-        },
-        _ => HttpError::NotFound.into_response(),
+    match (request.uri().path(), &state.webhooks.lox24) {
+        ("/webhooks/lox24", Some(secret)) => {
+            let result = lox24_delivery(state, secret, request).await;
+            finish(state, "lox24", started, result)
+        }
+        _ => {
+            discard_body(request).await;
+            HttpError::NotFound.into_response()
+        }
     }
 }
 
@@ -86,13 +86,21 @@ fn finish(
 
 /// Authenticates a provider's POST and reads its body.
 async fn authenticated_body(secret: &Secret, request: Request) -> Result<bytes::Bytes, HttpError> {
-    if request.method() != Method::POST {
-        return Err(HttpError::MethodNotAllowed { allow: "POST" });
+    let refusal = if request.method() != Method::POST {
+        Some(HttpError::MethodNotAllowed { allow: "POST" })
+    } else {
+        let token = query_param(request.uri().query(), "token");
+        auth::check_webhook_secret(secret, request.headers(), token.as_deref())
+            .err()
+            .map(HttpError::auth)
+    };
+    match refusal {
+        Some(error) => {
+            discard_body(request).await;
+            Err(error)
+        }
+        None => read_body(request, MAX_BODY).await,
     }
-    let token = query_param(request.uri().query(), "token");
-    auth::check_webhook_secret(secret, request.headers(), token.as_deref())
-        .map_err(HttpError::auth)?;
-    read_body(request, MAX_BODY).await
 }
 
 async fn lox24_delivery(
@@ -117,8 +125,13 @@ async fn lox24_delivery(
         }
         lox24::Delivery::Unsubscribe { event, warnings } => {
             let event_id = event.event_id.clone();
-            for warning in &warnings {
-                tracing::warn!(source = "lox24", event_id, "{warning}");
+            if !warnings.is_empty() {
+                tracing::warn!(
+                    source = "lox24",
+                    event_id,
+                    "stored with fields absent: {}",
+                    warnings.join("; ")
+                );
             }
             let outcomes = state.store.commit(vec![event]).await?;
             let outcome = match outcomes.first() {

@@ -1,0 +1,194 @@
+//! The local lookup API against the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{lox24_event, lox24_seed, Options, Server};
+use serde_json::json;
+
+#[tokio::test]
+async fn unknown_numbers_are_not_suppressed_and_bad_numbers_are_400() {
+    let server = Server::start(Options::default());
+    let record = server.get("/v1/phones/+4930999999").await;
+    assert_eq!(record.status, 200);
+    assert_eq!(
+        record.json(),
+        json!({"phone": "+4930999999", "suppressed": false, "since": null, "reasons": []})
+    );
+    let history = server.get("/v1/phones/+4930999999/history").await;
+    assert_eq!(
+        history.json(),
+        json!({"phone": "+4930999999", "events": []})
+    );
+
+    for bad in ["not-a-number", "030123456", "+49", "+0123456789"] {
+        let reply = server.get(&format!("/v1/phones/{bad}")).await;
+        assert_eq!(reply.status, 400, "{bad}");
+        assert!(reply.json()["error"].is_string(), "{bad}");
+        assert_eq!(
+            server
+                .get(&format!("/v1/phones/{bad}/history"))
+                .await
+                .status,
+            400,
+            "{bad}"
+        );
+    }
+    assert_eq!(server.get("/v1/nothing").await.status, 404);
+    assert_eq!(
+        server
+            .api("POST", "/v1/phones/+4930999999", "")
+            .await
+            .status,
+        405
+    );
+    assert_eq!(server.get("/v1/check").await.status, 405);
+}
+
+#[tokio::test]
+async fn default_region_reads_national_numbers() {
+    let server = Server::start(Options {
+        extra: vec!["--default-region".into(), "DE".into()],
+        ..Options::default()
+    });
+    let id = "77777777-7777-4777-8777-777777777777";
+    assert_eq!(
+        server
+            .lox24(lox24_event(id, "030 1234567", 1_700_000_000))
+            .await
+            .status,
+        200
+    );
+    let record = server.get("/v1/phones/+49301234567").await.json();
+    assert_eq!(record["suppressed"], true);
+    assert_eq!(
+        server.get("/v1/phones/030%201234567").await.json()["phone"],
+        "+49301234567"
+    );
+}
+
+#[tokio::test]
+async fn bulk_check_answers_in_input_order_with_per_entry_errors() {
+    let server = Server::start(Options::default());
+    assert_eq!(server.lox24(lox24_seed()).await.status, 200);
+    let body =
+        json!({"phones": ["004911113333444", "+4930999999", "letters", 42, "+49 111 13333444"]});
+    let reply = server.api("POST", "/v1/check", body.to_string()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let results = reply.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 5);
+    assert_eq!(
+        results[0],
+        json!({"input": "004911113333444", "phone": "+4911113333444", "suppressed": true, "since": 1757849748})
+    );
+    assert_eq!(
+        results[1],
+        json!({"input": "+4930999999", "phone": "+4930999999", "suppressed": false, "since": null})
+    );
+    assert_eq!(results[2]["input"], "letters");
+    assert!(results[2]["error"].is_string());
+    assert_eq!(results[3]["input"], 42);
+    assert!(results[3]["error"].is_string());
+    assert_eq!(results[4]["phone"], "+4911113333444");
+    assert_eq!(results[4]["suppressed"], true);
+
+    let empty = server.api("POST", "/v1/check", r#"{"phones": []}"#).await;
+    assert_eq!(empty.status, 200);
+    assert_eq!(empty.json(), json!({"results": []}));
+
+    let limit: Vec<String> = (0..10_000).map(|i| format!("+4930{i:07}")).collect();
+    let at_limit = server
+        .api("POST", "/v1/check", json!({ "phones": limit }).to_string())
+        .await;
+    assert_eq!(at_limit.status, 200);
+    assert_eq!(at_limit.json()["results"].as_array().unwrap().len(), 10_000);
+    let over: Vec<String> = (0..10_001).map(|i| format!("+4930{i:07}")).collect();
+    let too_many = server
+        .api("POST", "/v1/check", json!({ "phones": over }).to_string())
+        .await;
+    assert_eq!(too_many.status, 400);
+    assert_eq!(too_many.json()["field"], "phones");
+
+    let not_json = server.api("POST", "/v1/check", "phones").await;
+    assert_eq!(not_json.status, 400);
+    assert!(not_json.json()["error"].is_string());
+}
+
+#[tokio::test]
+async fn api_tokens_guard_v1_but_not_health_or_metrics() {
+    let server = Server::start(Options {
+        api_tokens: Some("ops:first-token\nsecond-token\n".into()),
+        ..Options::default()
+    });
+    assert_eq!(
+        server
+            .api_with("GET", "/v1/phones/+4930999999", &[], "")
+            .await
+            .status,
+        401
+    );
+    let wrong = server
+        .api_with(
+            "GET",
+            "/v1/phones/+4930999999",
+            &[("authorization", "Bearer nope")],
+            "",
+        )
+        .await;
+    assert_eq!(wrong.status, 403);
+    assert!(wrong.json()["error"].is_string());
+    for token in ["first-token", "second-token"] {
+        let auth = format!("Bearer {token}");
+        let ok = server
+            .api_with(
+                "GET",
+                "/v1/phones/+4930999999",
+                &[("authorization", &auth)],
+                "",
+            )
+            .await;
+        assert_eq!(ok.status, 200, "{token}");
+    }
+    assert_eq!(
+        server
+            .api_with("POST", "/v1/check", &[], r#"{"phones":[]}"#)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        server.api_with("GET", "/healthz", &[], "").await.status,
+        200
+    );
+    assert_eq!(
+        server.api_with("GET", "/metrics", &[], "").await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let server = Server::start(Options::default());
+    let health = server.get("/healthz").await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+    assert_eq!(server.lox24(lox24_seed()).await.status, 200);
+    server.get("/v1/phones/+4911113333444").await;
+    assert_eq!(
+        server.metric("suppressd_webhook_requests_total{source=\"lox24\",outcome=\"accepted\",status=\"200\"}").await,
+        1.0
+    );
+    assert!(
+        server
+            .metric("suppressd_lookups_total{mode=\"single\"}")
+            .await
+            >= 1.0
+    );
+    assert!(server.metric("suppressd_store_size_bytes").await > 0.0);
+    assert!(
+        server
+            .metric("suppressd_store_flush_duration_seconds_count")
+            .await
+            >= 1.0
+    );
+}

@@ -1,0 +1,457 @@
+//! Test kit: starts the real `suppressd` binary on ephemeral loopback ports with a certificate
+//! generated for the test and a sled database in a temp dir, and talks to it over real HTTPS
+//! (webhooks) and HTTP (API).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+pub const SECRET: &str = "lox24-test-secret";
+pub const SEED_EXAMPLE_FILE: &str = "../shared/seeds/001_e6d44ce32de44f9e.txt";
+
+/// The example JSON of a seed page, cut out verbatim.
+pub fn seed_example(file: &str, starts: &str, ends_before: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let page = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let start = page.find(starts).expect("example start");
+    let end = start + page[start..].find(ends_before).expect("example end");
+    page[start..end].trim().to_owned()
+}
+
+/// The LOX24 English page's example payload, byte for byte.
+pub fn lox24_seed() -> String {
+    seed_example(SEED_EXAMPLE_FILE, "{\n\"id\"", "Webhook received")
+}
+
+/// A LOX24 unsubscribe for `phone` with event `id`, unsubscribed at `created_at` seconds.
+pub fn lox24_event(id: &str, phone: &str, created_at: i64) -> String {
+    serde_json::json!({
+        "id": id,
+        "name": "phone.unsubscribe",
+        "created_at": created_at,
+        "api_version": "2022-05-25",
+        "attempt_number": 1,
+        "attempt_total": 4,
+        "data": {
+            "phone": phone, "user_id": 7, "created_at": created_at, "campaign_code": "C1",
+            "additional_data": {"reason": {"id": 2, "label": "Too many messages"}, "additional_text": "stop"},
+            "short_link_code": "abc", "unsubscribe_request_id": 1,
+        }
+    })
+    .to_string()
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub lox24: bool,
+    pub tls_files: bool,
+    pub api_tokens: Option<String>,
+    pub api_listen: &'static str,
+    pub extra: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            lox24: true,
+            tls_files: true,
+            api_tokens: None,
+            api_listen: "127.0.0.1:0",
+            extra: Vec::new(),
+        }
+    }
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub webhook: SocketAddr,
+    pub api: SocketAddr,
+    pub dir: Arc<tempfile::TempDir>,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    logs: Arc<Mutex<Vec<String>>>,
+    tls: tokio_rustls::TlsConnector,
+    pub api_token: Option<String>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_suppressd")
+}
+
+/// A client TLS configuration that trusts only `cert_pem`.
+fn connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+impl Server {
+    pub fn start(options: Options) -> Server {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        Server::start_in(dir, options)
+    }
+
+    pub fn start_in(dir: Arc<tempfile::TempDir>, options: Options) -> Server {
+        let data_dir = dir.path().join("data");
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--webhook-listen".into(),
+            "127.0.0.1:0".into(),
+            "--api-listen".into(),
+            options.api_listen.into(),
+        ];
+        let cert_path = dir.path().join("cert.pem");
+        if options.tls_files {
+            if !cert_path.exists() {
+                let generated = rcgen::generate_simple_self_signed(vec![
+                    "localhost".into(),
+                    "127.0.0.1".into(),
+                ])
+                .unwrap();
+                std::fs::write(&cert_path, generated.cert.pem()).unwrap();
+                std::fs::write(
+                    dir.path().join("key.pem"),
+                    generated.key_pair.serialize_pem(),
+                )
+                .unwrap();
+            }
+            args.extend([
+                "--tls-cert".into(),
+                cert_path.display().to_string(),
+                "--tls-key".into(),
+                dir.path().join("key.pem").display().to_string(),
+            ]);
+        }
+        if options.lox24 {
+            let secret = dir.path().join("lox24.secret");
+            std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+            args.extend(["--lox24-secret-file".into(), secret.display().to_string()]);
+        }
+        let mut api_token = None;
+        if let Some(tokens) = &options.api_tokens {
+            let file = dir.path().join("api.tokens");
+            std::fs::write(&file, tokens).unwrap();
+            args.extend(["--api-token-file".into(), file.display().to_string()]);
+            api_token = tokens
+                .lines()
+                .next()
+                .map(|l| l.split_once(':').map_or(l, |(_, t)| t).trim().to_owned());
+        }
+        args.extend(options.extra.iter().cloned());
+        let mut server = Server {
+            child: None,
+            webhook: "127.0.0.1:1".parse().unwrap(),
+            api: "127.0.0.1:1".parse().unwrap(),
+            dir,
+            data_dir,
+            args,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            tls: connector(""),
+            api_token,
+        };
+        server.launch();
+        let cert = if options.tls_files {
+            cert_path
+        } else {
+            server.data_dir.join("tls/cert.pem")
+        };
+        server.tls = connector(&std::fs::read_to_string(cert).unwrap());
+        server
+    }
+
+    /// Starts the binary with the stored arguments and waits for its "ready" line.
+    fn launch(&mut self) {
+        let mut child = Command::new(binary())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let logs = self.logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("suppressd ready") {
+                    let _ = ready_tx.send(line.clone());
+                }
+                logs.lock().unwrap().push(line);
+            }
+        });
+        let ready = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "server did not become ready; log:\n{}",
+                    self.logs.lock().unwrap().join("\n")
+                )
+            });
+        self.webhook = field(&ready, "webhook=").parse().unwrap();
+        self.api = field(&ready, "api=").parse().unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, as a crash or OOM kill would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Sends a signal without waiting, e.g. SIGKILL while requests are in flight.
+    #[allow(unsafe_code)]
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.pid()).unwrap();
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Waits for a process that was signalled to exit.
+    pub fn reap(&mut self) -> Option<ExitStatus> {
+        self.child.take().map(|mut child| child.wait().unwrap())
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same configuration again on the same data directory (new ports).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        self.launch();
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// `POST` to the webhook listener over HTTPS.
+    pub async fn webhook(
+        &self,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        self.webhook_method("POST", path_and_query, headers, body)
+            .await
+    }
+
+    pub async fn webhook_method(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        self.try_webhook(method, path_and_query, headers, body.into())
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path_and_query}: {e}"))
+    }
+
+    /// Like `webhook_method`, but a connection failure is an `Err` instead of a panic.
+    pub async fn try_webhook(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Reply, String> {
+        let tcp = TcpStream::connect(self.webhook)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        send(tls, method, path_and_query, headers, body).await
+    }
+
+    /// A LOX24 delivery's status, or `None` if the connection failed.
+    pub async fn try_lox24(&self, body: String) -> Option<u16> {
+        let auth = format!("Bearer {SECRET}");
+        self.try_webhook(
+            "POST",
+            "/webhooks/lox24",
+            &[("authorization", &auth)],
+            body.into(),
+        )
+        .await
+        .ok()
+        .map(|r| r.status)
+    }
+
+    /// A LOX24 delivery authenticated with the Bearer secret.
+    pub async fn lox24(&self, body: impl Into<Bytes>) -> Reply {
+        let auth = format!("Bearer {SECRET}");
+        self.webhook("/webhooks/lox24", &[("authorization", &auth)], body)
+            .await
+    }
+
+    /// A request to the local API, with the configured token if any.
+    pub async fn api(&self, method: &str, path: &str, body: impl Into<Bytes>) -> Reply {
+        let auth = self.api_token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        self.api_with(method, path, &headers, body).await
+    }
+
+    pub async fn api_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let tcp = TcpStream::connect(self.api).await.unwrap();
+        send(tcp, method, path, headers, body.into())
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.api("GET", path, Bytes::new()).await
+    }
+
+    /// Reads a counter or gauge from `/metrics` (sum over matching label sets).
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        let text = self.get("/metrics").await.text;
+        text.lines()
+            .filter(|l| l.starts_with(name_and_labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line.find(key).unwrap() + key.len();
+    line[start..].split_whitespace().next().unwrap()
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+}
+
+async fn send<S>(
+    stream: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    })
+}
+
+/// Runs the binary to completion (for startup failures) and returns its status and stderr; a
+/// binary that is still running after 30 s is killed and the test fails.
+pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("suppressd {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}

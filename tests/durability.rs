@@ -1,0 +1,228 @@
+//! Nothing acknowledged is lost: restarts, SIGKILL with deliveries in flight, group commit, and
+//! a store that cannot write.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{lox24_event, Options, Server};
+use serde_json::json;
+
+fn uuid_for(round: usize, i: usize) -> String {
+    format!("{round:08x}-0000-4000-8000-{i:012x}")
+}
+
+fn phone_for(round: usize, i: usize) -> String {
+    format!("+4915{round:02}{i:07}")
+}
+
+#[tokio::test]
+async fn acknowledged_events_survive_a_graceful_restart() {
+    let mut server = Server::start(Options::default());
+    for i in 0..20 {
+        let reply = server
+            .lox24(lox24_event(
+                &uuid_for(0, i),
+                &phone_for(0, i),
+                1_700_000_000 + i as i64,
+            ))
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    let before = server.get("/v1/phones/+4915000000007").await.json();
+    let status = server.terminate();
+    assert!(status.success(), "SIGTERM must exit 0, got {status:?}");
+    server.restart();
+    assert_eq!(server.get("/v1/phones/+4915000000007").await.json(), before);
+    for i in 0..20 {
+        let record = server
+            .get(&format!("/v1/phones/{}", phone_for(0, i)))
+            .await
+            .json();
+        assert_eq!(record["suppressed"], true, "{i}");
+    }
+}
+
+/// Deliveries race a SIGKILL; every one that was answered 200 must be there after restart, in
+/// every round, and the store must open cleanly each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_event() {
+    let mut server = Server::start(Options::default());
+    let mut acknowledged: Vec<(String, String)> = Vec::new();
+    for round in 1..=3 {
+        let shared = Arc::new(server);
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let senders: Vec<_> = (0..16)
+            .map(|sender| {
+                let (shared, acked) = (shared.clone(), acked.clone());
+                tokio::spawn(async move {
+                    for n in 0..100_000 {
+                        let i = sender * 100_000 + n;
+                        let (id, phone) = (uuid_for(round, i), phone_for(round, i));
+                        let body = lox24_event(&id, &phone, 1_700_000_000);
+                        match tokio::time::timeout(Duration::from_secs(10), shared.try_lox24(body))
+                            .await
+                        {
+                            Ok(Some(200)) => acked.lock().unwrap().push((id, phone)),
+                            _ => break,
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300 + 200 * round as u64)).await;
+        shared.signal(libc::SIGKILL);
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        server = Arc::try_unwrap(shared).unwrap_or_else(|_| panic!("server still shared"));
+        server.reap();
+        let this_round = std::mem::take(&mut *acked.lock().unwrap());
+        assert!(
+            !this_round.is_empty(),
+            "round {round}: no delivery was acknowledged before the kill"
+        );
+        acknowledged.extend(this_round);
+
+        server.restart();
+        for chunk in acknowledged.chunks(10_000) {
+            let phones: Vec<&str> = chunk.iter().map(|(_, phone)| phone.as_str()).collect();
+            let reply = server
+                .api("POST", "/v1/check", json!({ "phones": phones }).to_string())
+                .await;
+            let results = reply.json()["results"].as_array().unwrap().clone();
+            for ((id, phone), result) in chunk.iter().zip(results) {
+                assert_eq!(
+                    result["suppressed"], true,
+                    "round {round}: acknowledged {id} for {phone} was lost"
+                );
+            }
+        }
+        let (id, phone) = acknowledged.last().unwrap();
+        let history = server
+            .get(&format!("/v1/phones/{phone}/history"))
+            .await
+            .json();
+        assert_eq!(history["events"][0]["event_id"], id.as_str());
+    }
+}
+
+/// Concurrent deliveries share flushes instead of paying one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_share_flushes() {
+    let server = Arc::new(Server::start(Options::default()));
+    let flushes_before = server
+        .metric("suppressd_store_flush_duration_seconds_count")
+        .await;
+    let deliveries: Vec<_> = (0..256)
+        .map(|i| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                server
+                    .lox24(lox24_event(
+                        &uuid_for(9, i),
+                        &phone_for(9, i),
+                        1_700_000_000,
+                    ))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for delivery in deliveries {
+        assert_eq!(delivery.await.unwrap(), 200);
+    }
+    let flushes = server
+        .metric("suppressd_store_flush_duration_seconds_count")
+        .await
+        - flushes_before;
+    let committed = server
+        .metric("suppressd_store_committed_requests_total")
+        .await;
+    assert_eq!(committed, 256.0);
+    assert!(
+        flushes < 256.0,
+        "256 concurrent deliveries took {flushes} flushes"
+    );
+}
+
+/// Unmounts the scratch tmpfs when the test ends, after the server using it is gone.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// A small tmpfs, or `None` where this user may not mount (the test then says so).
+    fn mount(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk makes deliveries fail with 500 (so the provider retries) and lookups keep
+/// answering.
+#[tokio::test]
+async fn a_store_that_cannot_write_answers_500() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let Some(_tmpfs) = Tmpfs::mount(&dir.path().join("data"), "4m") else {
+        eprintln!("SKIPPED a_store_that_cannot_write_answers_500: mounting a tmpfs needs root");
+        return;
+    };
+    let server = Server::start_in(dir.clone(), Options::default());
+    assert_eq!(
+        server
+            .lox24(lox24_event(
+                &uuid_for(7, 0),
+                &phone_for(7, 0),
+                1_700_000_000
+            ))
+            .await
+            .status,
+        200
+    );
+    let mut filler = std::fs::File::create(dir.path().join("data/filler")).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut filler, &block).is_ok() {}
+    let _ = std::io::Write::write_all(&mut filler, &[0u8; 4096]);
+
+    let mut failed = None;
+    for i in 1..500 {
+        let reply = server
+            .lox24(lox24_event(
+                &uuid_for(7, i),
+                &phone_for(7, i),
+                1_700_000_000,
+            ))
+            .await;
+        if reply.status != 200 {
+            failed = Some(reply);
+            break;
+        }
+    }
+    let failed = failed.expect("a full disk never failed a delivery");
+    assert_eq!(failed.status, 500);
+    assert!(failed.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("nothing was acknowledged"));
+    let lookup = server.get(&format!("/v1/phones/{}", phone_for(7, 0))).await;
+    assert_eq!(lookup.status, 200);
+    assert_eq!(lookup.json()["suppressed"], true);
+    assert!(server.metric("suppressd_store_flush_failures_total").await >= 1.0);
+    assert!(server.metric("suppressd_webhook_requests_total{source=\"lox24\",outcome=\"rejected\",status=\"500\"}").await >= 1.0);
+}

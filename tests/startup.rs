@@ -1,0 +1,187 @@
+//! Startup: refusals with one clear line, and the out-of-the-box self-signed certificate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{run_to_exit, Options, Server};
+
+/// Asserts a failed start: non-zero exit, exactly one `suppressd:` line containing `needle`, and
+/// no panic output.
+fn assert_refused(args: &[&str], needle: &str) {
+    let (status, stderr) = run_to_exit(args);
+    assert!(!status.success(), "{args:?} should fail; stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("suppressd: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "{needle:?} not in {:?}",
+        lines[0]
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn refuses_half_a_tls_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&cert, "x").unwrap();
+    let cert = cert.to_str().unwrap();
+    let base = [
+        "serve",
+        "--data-dir",
+        data,
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ];
+    assert_refused(&[&base[..], &["--tls-cert", cert]].concat(), "--tls-key");
+    assert_refused(&[&base[..], &["--tls-key", cert]].concat(), "--tls-cert");
+    assert_refused(
+        &[
+            &base[..],
+            &["--tls-cert", cert, "--tls-key", "/nonexistent/key.pem"],
+        ]
+        .concat(),
+        "certificate",
+    );
+}
+
+#[test]
+fn refuses_an_open_api_on_a_public_address_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "0.0.0.0:0",
+    ];
+    assert_refused(&args, "--api-token-file");
+}
+
+#[test]
+fn environment_variables_configure_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(common::binary())
+        .args(["serve", "--webhook-listen", "127.0.0.1:0"])
+        .env("SUPPRESSD_DATA_DIR", dir.path().join("data"))
+        .env("SUPPRESSD_API_LISTEN", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr)
+        .contains("--api-listen 0.0.0.0:0 is not a loopback address"));
+}
+
+#[test]
+fn reports_a_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        &addr,
+    ];
+    assert_refused(&args, "already in use");
+}
+
+#[test]
+fn reports_a_locked_database() {
+    let server = Server::start(Options::default());
+    let data = server.data_dir.to_str().unwrap().to_owned();
+    let args = [
+        "serve",
+        "--data-dir",
+        &data,
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ];
+    assert_refused(&args, "locked");
+}
+
+#[test]
+fn reports_a_corrupt_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data/db");
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::write(db.join("conf"), b"this is not a sled configuration").unwrap();
+    std::fs::write(db.join("db"), vec![0xA5; 4096]).unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ];
+    assert_refused(&args, "corrupt");
+}
+
+#[tokio::test]
+async fn generates_a_self_signed_certificate_once_and_reuses_it() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let options = Options {
+        tls_files: false,
+        ..Options::default()
+    };
+    let mut server = Server::start_in(dir.clone(), options);
+    let fingerprint = |logs: &str| {
+        let line = logs
+            .lines()
+            .find(|l| l.contains("fingerprint"))
+            .expect("fingerprint warning");
+        assert!(line.contains("WARN"), "{line}");
+        let start = line.find("fingerprint ").unwrap() + "fingerprint ".len();
+        line[start..start + 95].to_owned()
+    };
+    let first = fingerprint(&server.logs());
+    assert!(server
+        .logs()
+        .contains("generated a self-signed certificate"));
+    assert!(server.data_dir.join("tls/cert.pem").exists());
+    // The client trusts only the generated certificate, so this proves it is served.
+    assert_eq!(server.lox24(common::lox24_seed()).await.status, 200);
+    assert!(server.terminate().success());
+    let before = server.logs().len();
+    server.restart();
+    let logs = server.logs()[before..].to_owned();
+    assert!(
+        !logs.contains("generated a self-signed certificate"),
+        "{logs}"
+    );
+    assert_eq!(fingerprint(&logs), first);
+    assert_eq!(
+        server.lox24(common::lox24_seed()).await.json()["status"],
+        "duplicate"
+    );
+}
+
+#[tokio::test]
+async fn a_name_that_resolves_only_to_loopback_is_loopback() {
+    let server = Server::start(Options {
+        api_listen: "localhost:0",
+        ..Options::default()
+    });
+    assert_eq!(server.get("/healthz").await.status, 200);
+}
