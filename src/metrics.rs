@@ -67,7 +67,7 @@ pub struct Metrics {
     webhook_latency: Histogram,
     api_latency: Histogram,
     flush_latency: Histogram,
-    flush_failures: AtomicU64,
+    write_failures: AtomicU64,
     flushed_requests: AtomicU64,
 }
 
@@ -112,11 +112,17 @@ impl Metrics {
 
     pub fn store_flushed(&self, elapsed: Duration, requests: usize, ok: bool) {
         self.flush_latency.observe(elapsed);
-        self.flushed_requests
-            .fetch_add(requests as u64, Ordering::Relaxed);
-        if !ok {
-            self.flush_failures.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.flushed_requests
+                .fetch_add(requests as u64, Ordering::Relaxed);
+        } else {
+            self.store_write_failed();
         }
+    }
+
+    /// A batch whose writes could not be applied or made durable.
+    pub fn store_write_failed(&self) {
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(&self, size_on_disk: Option<u64>) -> String {
@@ -152,7 +158,7 @@ impl Metrics {
             ),
             (
                 "suppressd_store_flush_duration_seconds",
-                "Group-commit flush (sled flush + fdatasync) latency.",
+                "Group-commit sync (WAL write + fdatasync) latency.",
                 &self.flush_latency,
             ),
         ] {
@@ -161,8 +167,8 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP suppressd_store_flush_failures_total Group commits whose flush failed.\n# TYPE suppressd_store_flush_failures_total counter\nsuppressd_store_flush_failures_total {}",
-            self.flush_failures.load(Ordering::Relaxed)
+            "# HELP suppressd_store_write_failures_total Group commits that could not be applied or made durable (nothing in them was acknowledged).\n# TYPE suppressd_store_write_failures_total counter\nsuppressd_store_write_failures_total {}",
+            self.write_failures.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

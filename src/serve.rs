@@ -69,7 +69,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
 
     let metrics = Arc::new(Metrics::default());
     let store_config = StoreConfig {
-        path: args.data_dir.join("db"),
+        dir: args.data_dir.clone(),
         cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
     };
     let store = {

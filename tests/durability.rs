@@ -179,7 +179,7 @@ impl Drop for Tmpfs {
 #[tokio::test]
 async fn a_store_that_cannot_write_answers_500() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let Some(_tmpfs) = Tmpfs::mount(&dir.path().join("data"), "4m") else {
+    let Some(_tmpfs) = Tmpfs::mount(&dir.path().join("data"), "48m") else {
         eprintln!("SKIPPED a_store_that_cannot_write_answers_500: mounting a tmpfs needs root");
         return;
     };
@@ -223,6 +223,6 @@ async fn a_store_that_cannot_write_answers_500() {
     let lookup = server.get(&format!("/v1/phones/{}", phone_for(7, 0))).await;
     assert_eq!(lookup.status, 200);
     assert_eq!(lookup.json()["suppressed"], true);
-    assert!(server.metric("suppressd_store_flush_failures_total").await >= 1.0);
+    assert!(server.metric("suppressd_store_write_failures_total").await >= 1.0);
     assert!(server.metric("suppressd_webhook_requests_total{source=\"lox24\",outcome=\"rejected\",status=\"500\"}").await >= 1.0);
 }

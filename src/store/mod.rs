@@ -1,19 +1,22 @@
 //! The store: the one module that owns the sled database, every tree in it, and every decision
 //! about when data is durable.
 //!
-//! Trees (keys are [`subject_key`]s, which are prefix-free so that a subject's history is one
-//! range scan):
-//! - `records`: subject key → [`Record`] (fixed status header + JSON). A lookup is one point read.
-//! - `history`: subject key ‖ event time (ms, order-preserving) ‖ sequence → [`StoredEvent`].
-//! - `idempotency`: event idempotency key → the history key it produced.
+//! Everything lives in one sled tree, `suppressions`, split into key spaces by a one-byte tag,
+//! because only writes to a single tree can be applied atomically without sled's (slow)
+//! multi-tree transactions. Subject keys are prefix-free, so a subject's history is one range
+//! scan:
+//! - `R` ‖ subject → [`Record`] (fixed status header + JSON). A lookup is one point read.
+//! - `H` ‖ subject ‖ event time (ms, order-preserving) ‖ sequence → [`StoredEvent`].
+//! - `I` ‖ idempotency key → the history key the event produced.
 //!
-//! Reads go straight to sled from any thread. All writes go through the [`committer`], a single
-//! thread that applies queued requests and then makes them durable with one flush for the whole
-//! batch (group commit). A request is answered only after that flush, which is what lets webhooks
-//! promise "no 2xx before durable".
+//! Reads go straight to sled from any thread. All writes go through the [`committer`], which
+//! applies queued requests in batches and makes each batch durable with one append and one
+//! `fdatasync` of the write-ahead log ([`wal`]) before answering any request in it (group
+//! commit). That is what lets webhooks promise "no 2xx before durable".
 
 mod committer;
 pub mod record;
+mod wal;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -74,57 +77,74 @@ pub enum StoreError {
 /// Tunables that come from the command line.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    pub path: PathBuf,
+    /// The data directory: sled lives in `db/`, the write-ahead log in `wal`.
+    pub dir: PathBuf,
     pub cache_bytes: u64,
 }
 
 /// The open database. Cheap to share behind an `Arc`.
 pub struct Store {
     db: sled::Db,
-    trees: Trees,
+    tree: sled::Tree,
     committer: mpsc::Sender<committer::Job>,
     committer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-#[derive(Clone)]
-struct Trees {
-    records: sled::Tree,
-    history: sled::Tree,
-    idempotency: sled::Tree,
-}
+/// Key-space tags within the tree.
+const RECORD: u8 = b'R';
+const HISTORY: u8 = b'H';
+const SEEN: u8 = b'I';
 
 /// How many requests may wait for the committer before senders are slowed down.
 const COMMIT_QUEUE: usize = 4096;
 
 impl Store {
+    /// Opens (or creates) the database under `config.dir`, replays the write-ahead log, and
+    /// starts the committer.
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
-        let path = &config.path;
-        std::fs::create_dir_all(path).map_err(|source| StoreError::Open {
-            path: path.clone(),
+        let sled_dir = config.dir.join("db");
+        let open_error = |source| StoreError::Open {
+            path: config.dir.clone(),
             source,
-        })?;
-        let db = open_sled(config)?;
-        let classify = |e: sled::Error| classify_open_error(path, e);
-        let trees = Trees {
-            records: db.open_tree("records").map_err(classify)?,
-            history: db.open_tree("history").map_err(classify)?,
-            idempotency: db.open_tree("idempotency").map_err(classify)?,
         };
-        // sled's own flush ends in sync_file_range, which survives a process kill but not a power
-        // cut; an fdatasync on the log file after it makes the same bytes durable for real.
-        let log_file = File::open(path.join("db")).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&sled_dir).map_err(open_error)?;
+        let db = open_sled(&sled_dir, config.cache_bytes)?;
+        let tree = db
+            .open_tree("suppressions")
+            .map_err(|e| classify_open_error(&sled_dir, e))?;
+        let checkpointer = committer::Checkpointer {
+            db: db.clone(),
+            log_file: File::open(sled_dir.join("db")).map_err(open_error)?,
+        };
+        let applier = committer::Applier {
+            db: db.clone(),
+            tree: tree.clone(),
+        };
+        let recovered = wal::Wal::open(&config.dir.join("wal")).map_err(open_error)?;
+        let mut wal = recovered.wal;
+        if recovered.discarded > 0 {
+            tracing::warn!(
+                bytes = recovered.discarded,
+                "the write-ahead log ended in a torn record (a crash during a write that was never acknowledged); it was cut off"
+            );
+        }
+        if !recovered.batches.is_empty() {
+            for events in &recovered.batches {
+                applier.replay(events)?;
+            }
+            checkpointer.make_durable()?;
+            wal.clear()?;
+            tracing::info!(
+                records = recovered.batches.len(),
+                "replayed the write-ahead log"
+            );
+        }
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
-        let thread = committer::spawn(db.clone(), trees.clone(), log_file, receiver, metrics)
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let thread =
+            committer::spawn(applier, checkpointer, wal, receiver, metrics).map_err(open_error)?;
         Ok(Store {
             db,
-            trees,
+            tree,
             committer: sender,
             committer_thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -142,7 +162,7 @@ impl Store {
 
     /// The full record of a subject, `None` if it was never seen.
     pub fn record(&self, subject: &Subject) -> Result<Option<Record>, StoreError> {
-        match self.trees.records.get(subject_key(subject))? {
+        match self.tree.get(record_key(&subject_key(subject)))? {
             Some(bytes) => Ok(Some(Record::decode(&bytes)?)),
             None => Ok(None),
         }
@@ -150,7 +170,7 @@ impl Store {
 
     /// Whether a subject is suppressed, reading only the record's fixed header.
     pub fn status(&self, subject: &Subject) -> Result<Status, StoreError> {
-        match self.trees.records.get(subject_key(subject))? {
+        match self.tree.get(record_key(&subject_key(subject)))? {
             Some(bytes) => Ok(record::decode_status(&bytes)?),
             None => Ok(Status::default()),
         }
@@ -158,9 +178,8 @@ impl Store {
 
     /// Every event received for a subject, oldest event time first.
     pub fn history(&self, subject: &Subject) -> Result<Vec<StoredEvent>, StoreError> {
-        self.trees
-            .history
-            .scan_prefix(subject_key(subject))
+        self.tree
+            .scan_prefix(history_prefix(&subject_key(subject)))
             .values()
             .map(|value| {
                 let value = value?;
@@ -195,11 +214,10 @@ impl Store {
     }
 }
 
-fn open_sled(config: &StoreConfig) -> Result<sled::Db, StoreError> {
-    let path = &config.path;
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let sled_config = sled::Config::new()
         .path(path)
-        .cache_capacity(config.cache_bytes)
+        .cache_capacity(cache_bytes)
         .flush_every_ms(Some(500));
     // A torn or corrupt log can make sled panic instead of returning an error; either way the
     // operator gets one line saying the database is corrupt, not a backtrace.
@@ -216,7 +234,7 @@ fn open_sled(config: &StoreConfig) -> Result<sled::Db, StoreError> {
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "sled panicked while recovering".into());
             Err(StoreError::Corrupt {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 detail,
             })
         }
@@ -251,11 +269,29 @@ pub fn subject_key(subject: &Subject) -> Vec<u8> {
     }
 }
 
+fn tagged(tag: u8, rest: &[u8], capacity: usize) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + rest.len() + capacity);
+    key.push(tag);
+    key.extend_from_slice(rest);
+    key
+}
+
+fn record_key(subject_key: &[u8]) -> Vec<u8> {
+    tagged(RECORD, subject_key, 0)
+}
+
+fn seen_key(idempotency_key: &str) -> Vec<u8> {
+    tagged(SEEN, idempotency_key.as_bytes(), 0)
+}
+
+fn history_prefix(subject_key: &[u8]) -> Vec<u8> {
+    tagged(HISTORY, subject_key, 0)
+}
+
 /// History keys sort by event time within a subject; `sequence` keeps events of the same
 /// millisecond in arrival order.
 fn history_key(subject_key: &[u8], event_time_ms: i64, sequence: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(subject_key.len() + 16);
-    key.extend_from_slice(subject_key);
+    let mut key = tagged(HISTORY, subject_key, 16);
     // Flipping the sign bit makes the big-endian bytes of an i64 sort like the number.
     key.extend_from_slice(&((event_time_ms as u64) ^ (1 << 63)).to_be_bytes());
     key.extend_from_slice(&sequence.to_be_bytes());

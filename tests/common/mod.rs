@@ -146,6 +146,8 @@ impl Server {
         if options.lox24 {
             let secret = dir.path().join("lox24.secret");
             std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+            std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
             args.extend(["--lox24-secret-file".into(), secret.display().to_string()]);
         }
         let mut api_token = None;
