@@ -261,7 +261,7 @@ struct CheckResponse<'a> {
 enum CheckResult<'a> {
     Found {
         input: &'a str,
-        phone: String,
+        phone: Cow<'a, str>,
         suppressed: bool,
         since: Option<i64>,
     },
@@ -292,11 +292,9 @@ async fn check(state: &AppState, request: Request) -> Result<Response, HttpError
     let mut results = Vec::with_capacity(parsed.phones.len());
     for entry in &parsed.phones {
         results.push(match entry {
-            CheckEntry::Text(input) => match state.phones.normalize(input) {
+            CheckEntry::Text(input) => match state.phones.normalize_borrowed(input) {
                 Ok(phone) => {
-                    let status = state.store.status(&Subject::Phone {
-                        phone: phone.clone(),
-                    })?;
+                    let status = state.store.phone_status(&phone)?;
                     CheckResult::Found {
                         input,
                         phone,

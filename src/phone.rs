@@ -12,6 +12,7 @@
 //! Lookups call this on their hot path, so input that is already E.164 is checked with a few byte
 //! comparisons and a table lookup, and never allocates more than the returned string.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::LazyLock;
 
@@ -80,14 +81,20 @@ impl Normalizer {
 
     /// The E.164 form of `input`, or why it is not a phone number.
     pub fn normalize(&self, input: &str) -> Result<String, PhoneError> {
+        self.normalize_borrowed(input).map(Cow::into_owned)
+    }
+
+    /// Like [`Normalizer::normalize`], without allocating when `input` is already E.164 (the
+    /// bulk-check hot path).
+    pub fn normalize_borrowed<'a>(&self, input: &'a str) -> Result<Cow<'a, str>, PhoneError> {
         let trimmed = input.trim();
         if let Some(digits) = trimmed.strip_prefix('+') {
             if digits.bytes().all(|b| b.is_ascii_digit()) {
                 check_digits(digits)?;
-                return Ok(trimmed.to_owned());
+                return Ok(Cow::Borrowed(trimmed));
             }
         }
-        self.normalize_slow(trimmed)
+        self.normalize_slow(trimmed).map(Cow::Owned)
     }
 
     fn normalize_slow(&self, trimmed: &str) -> Result<String, PhoneError> {

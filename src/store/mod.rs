@@ -176,6 +176,22 @@ impl Store {
         }
     }
 
+    /// Whether a phone (already E.164) is suppressed; the bulk-check hot path, so the key is
+    /// built on the stack.
+    pub fn phone_status(&self, phone: &str) -> Result<Status, StoreError> {
+        let mut key = [0u8; 3 + u8::MAX as usize];
+        let len = u8::try_from(phone.len()).unwrap_or(u8::MAX);
+        key[0] = RECORD;
+        key[1] = b'p';
+        key[2] = len;
+        let end = 3 + usize::from(len);
+        key[3..end].copy_from_slice(&phone.as_bytes()[..usize::from(len)]);
+        match self.tree.get(&key[..end])? {
+            Some(bytes) => Ok(record::decode_status(&bytes)?),
+            None => Ok(Status::default()),
+        }
+    }
+
     /// Every event received for a subject, oldest event time first.
     pub fn history(&self, subject: &Subject) -> Result<Vec<StoredEvent>, StoreError> {
         self.tree
