@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::HttpError;
-use crate::event::{ms_to_secs, Subject};
+use crate::event::{ms_to_secs, Subject, MAX_ID_BYTES};
 use crate::server::AppState;
 use crate::store::{Reason, Record, StoredEvent};
 use crate::web::{
@@ -44,9 +44,15 @@ pub async fn handle(state: &AppState, request: Request) -> Response {
 enum Endpoint<'a> {
     Health,
     Metrics,
-    Phone(&'a str),
-    PhoneHistory(&'a str),
+    Record(SubjectPath<'a>),
+    History(SubjectPath<'a>),
     Check,
+}
+
+/// A subject as it appears in a path, still percent-encoded.
+enum SubjectPath<'a> {
+    Phone(&'a str),
+    Account(&'a str, &'a str),
 }
 
 impl<'a> Endpoint<'a> {
@@ -55,8 +61,14 @@ impl<'a> Endpoint<'a> {
         Some(match segments.as_slice() {
             ["healthz"] => Endpoint::Health,
             ["metrics"] => Endpoint::Metrics,
-            ["v1", "phones", phone] => Endpoint::Phone(phone),
-            ["v1", "phones", phone, "history"] => Endpoint::PhoneHistory(phone),
+            ["v1", "phones", phone] => Endpoint::Record(SubjectPath::Phone(phone)),
+            ["v1", "phones", phone, "history"] => Endpoint::History(SubjectPath::Phone(phone)),
+            ["v1", "accounts", scope, account] => {
+                Endpoint::Record(SubjectPath::Account(scope, account))
+            }
+            ["v1", "accounts", scope, account, "history"] => {
+                Endpoint::History(SubjectPath::Account(scope, account))
+            }
             ["v1", "check"] => Endpoint::Check,
             _ => return None,
         })
@@ -120,23 +132,41 @@ async fn route(state: &AppState, request: Request) -> Result<Response, HttpError
                 text,
             ))
         }
-        Some(Endpoint::Phone(phone)) => phone_record(state, phone),
-        Some(Endpoint::PhoneHistory(phone)) => phone_history(state, phone),
+        Some(Endpoint::Record(path)) => subject_record(state, &path),
+        Some(Endpoint::History(path)) => subject_history(state, &path),
         Some(Endpoint::Check) => check(state, request).await,
     }
 }
 
-fn phone_subject(state: &AppState, segment: &str) -> Result<Subject, HttpError> {
-    let raw = path_segment(segment)?;
-    let phone = state
-        .phones
-        .normalize(&raw)
-        .map_err(|e| HttpError::bad_field("phone", e.to_string()))?;
-    Ok(Subject::Phone { phone })
+fn subject(state: &AppState, path: &SubjectPath<'_>) -> Result<Subject, HttpError> {
+    match path {
+        SubjectPath::Phone(segment) => {
+            let raw = path_segment(segment)?;
+            let phone = state
+                .phones
+                .normalize(&raw)
+                .map_err(|e| HttpError::bad_field("phone", e.to_string()))?;
+            Ok(Subject::Phone { phone })
+        }
+        SubjectPath::Account(scope, account) => Ok(Subject::Account {
+            scope: account_id("scope", &path_segment(scope)?)?,
+            account: account_id("account", &path_segment(account)?)?,
+        }),
+    }
 }
 
-fn phone_record(state: &AppState, segment: &str) -> Result<Response, HttpError> {
-    let subject = phone_subject(state, segment)?;
+fn account_id(field: &str, value: &str) -> Result<String, HttpError> {
+    if value.is_empty() || value.len() > MAX_ID_BYTES {
+        return Err(HttpError::bad_field(
+            field,
+            format!("{field} must be 1 to {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+fn subject_record(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
+    let subject = subject(state, path)?;
     let record = state.store.record(&subject)?;
     state.metrics.lookups(false, 1);
     Ok(json_response(
@@ -145,8 +175,8 @@ fn phone_record(state: &AppState, segment: &str) -> Result<Response, HttpError> 
     ))
 }
 
-fn phone_history(state: &AppState, segment: &str) -> Result<Response, HttpError> {
-    let subject = phone_subject(state, segment)?;
+fn subject_history(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
+    let subject = subject(state, path)?;
     let events = state.store.history(&subject)?;
     let mut body = subject_fields(&subject);
     body["events"] = Value::Array(events.iter().map(history_view).collect());
@@ -156,6 +186,7 @@ fn phone_history(state: &AppState, segment: &str) -> Result<Response, HttpError>
 fn subject_fields(subject: &Subject) -> Value {
     match subject {
         Subject::Phone { phone } => json!({ "phone": phone }),
+        Subject::Account { scope, account } => json!({ "scope": scope, "account": account }),
     }
 }
 
@@ -200,6 +231,8 @@ fn history_view(stored: &StoredEvent) -> Value {
 struct CheckRequest<'a> {
     #[serde(borrow, default)]
     phones: Vec<CheckEntry<'a>>,
+    #[serde(default)]
+    accounts: Vec<Value>,
 }
 
 /// One entry of a check list: a string to look up, or anything else, which gets an error of its
@@ -273,6 +306,13 @@ enum CheckResult<'a> {
         input: &'a str,
         error: String,
     },
+    Account {
+        input: &'a Value,
+        scope: &'a str,
+        account: &'a str,
+        suppressed: bool,
+        since: Option<i64>,
+    },
 }
 
 async fn check(state: &AppState, request: Request) -> Result<Response, HttpError> {
@@ -280,13 +320,16 @@ async fn check(state: &AppState, request: Request) -> Result<Response, HttpError
     let parsed: CheckRequest<'_> = serde_json::from_slice(&body).map_err(|e| {
         HttpError::bad_request(format!("body must be {{\"phones\": [\"...\"]}}: {e}"))
     })?;
-    if parsed.phones.len() > MAX_CHECK_ENTRIES {
+    let entries = parsed.phones.len() + parsed.accounts.len();
+    if entries > MAX_CHECK_ENTRIES {
+        let field = if parsed.accounts.is_empty() {
+            "phones"
+        } else {
+            "accounts"
+        };
         return Err(HttpError::bad_field(
-            "phones",
-            format!(
-                "at most {MAX_CHECK_ENTRIES} entries per request, got {}",
-                parsed.phones.len()
-            ),
+            field,
+            format!("at most {MAX_CHECK_ENTRIES} entries per request, got {entries}"),
         ));
     }
     let mut results = Vec::with_capacity(parsed.phones.len());
@@ -310,6 +353,34 @@ async fn check(state: &AppState, request: Request) -> Result<Response, HttpError
             CheckEntry::Other(input) => CheckResult::Invalid {
                 input,
                 error: "entry must be a phone number string".into(),
+            },
+        });
+    }
+    for input in &parsed.accounts {
+        let scope = input.get("scope").and_then(Value::as_str);
+        let account = input.get("account").and_then(Value::as_str);
+        results.push(match (scope, account) {
+            (Some(scope), Some(account))
+                if (1..=MAX_ID_BYTES).contains(&scope.len())
+                    && (1..=MAX_ID_BYTES).contains(&account.len()) =>
+            {
+                let status = state.store.status(&Subject::Account {
+                    scope: scope.to_owned(),
+                    account: account.to_owned(),
+                })?;
+                CheckResult::Account {
+                    input,
+                    scope,
+                    account,
+                    suppressed: status.suppressed,
+                    since: status.since_ms.map(ms_to_secs),
+                }
+            }
+            _ => CheckResult::Invalid {
+                input,
+                error:
+                    "entry must be {\"scope\": \"…\", \"account\": \"…\"} with non-empty strings"
+                        .into(),
             },
         });
     }

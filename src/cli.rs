@@ -81,6 +81,36 @@ pub struct ServeArgs {
     #[arg(long, env = "SUPPRESSD_LOX24_SECRET_FILE", value_name = "PATH")]
     pub lox24_secret_file: Option<PathBuf>,
 
+    /// Tencent Cloud Chat SDKAppID; enables POST /webhooks/tencent, which then requires the
+    /// SdkAppid URL parameter to match.
+    #[arg(long, env = "SUPPRESSD_TENCENT_SDKAPPID", value_name = "ID")]
+    pub tencent_sdkappid: Option<String>,
+
+    /// File holding the Tencent webhook token; turns on checking of the Sign and RequestTime
+    /// URL parameters.
+    #[arg(long, env = "SUPPRESSD_TENCENT_TOKEN_FILE", value_name = "PATH")]
+    pub tencent_token_file: Option<PathBuf>,
+
+    /// Largest accepted distance between Tencent's RequestTime and this machine's clock, in
+    /// seconds (older or newer signed requests are rejected as replays).
+    #[arg(long, env = "SUPPRESSD_TENCENT_MAX_SKEW", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub tencent_max_skew: u64,
+
+    /// File holding the shared secret Sendios presents (Bearer, Basic password or ?token=).
+    /// Enables POST /webhooks/sendios.
+    #[arg(long, env = "SUPPRESSD_SENDIOS_SECRET_FILE", value_name = "PATH")]
+    pub sendios_secret_file: Option<PathBuf>,
+
+    /// Consecutive sms_lost events (with no sms_click between them) after which an account is
+    /// suppressed as undeliverable; 0 disables.
+    #[arg(
+        long,
+        env = "SUPPRESSD_SENDIOS_LOST_THRESHOLD",
+        value_name = "N",
+        default_value_t = 3
+    )]
+    pub sendios_lost_threshold: u32,
+
     /// Region (ISO 3166 alpha-2, e.g. DE) for numbers written without a country code; without
     /// it such numbers are rejected.
     #[arg(long, env = "SUPPRESSD_DEFAULT_REGION", value_name = "CC")]
@@ -99,4 +129,13 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "SUPPRESSD_LOG_FORMAT", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Seconds as `60` or `60s`.
+fn parse_seconds(value: &str) -> Result<u64, String> {
+    value
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))
 }

@@ -11,19 +11,28 @@ use serde_json::{Map, Value};
 pub enum Subject {
     /// An E.164 phone number, already normalised.
     Phone { phone: String },
+    /// An account within a scope such as `tencent:{Official_Account}` or `sendios:{project_id}`.
+    Account { scope: String, account: String },
 }
+
+/// Longest scope or account id accepted, in bytes; keys stay small and length-prefixable.
+pub const MAX_ID_BYTES: usize = 1024;
 
 /// Where an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     Lox24,
+    Tencent,
+    Sendios,
 }
 
 impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Lox24 => "lox24",
+            Source::Tencent => "tencent",
+            Source::Sendios => "sendios",
         }
     }
 }
@@ -34,15 +43,14 @@ impl Source {
 pub enum Kind {
     /// The recipient asked not to be messaged again.
     Unsubscribe,
-}
-
-impl Kind {
-    /// Whether an event of this kind puts its subject on the suppression list.
-    pub fn suppresses(self) -> bool {
-        match self {
-            Kind::Unsubscribe => true,
-        }
-    }
+    /// A message was sent (history only).
+    SmsSent,
+    /// A message was sent but not delivered; enough in a row make the subject undeliverable.
+    SmsLost,
+    /// The recipient clicked a link: reachable again.
+    SmsClick,
+    /// A reason (never an event): too many consecutive lost messages.
+    Undeliverable,
 }
 
 /// One thing that happened to one subject.

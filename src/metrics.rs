@@ -62,6 +62,8 @@ pub struct Metrics {
     webhooks: Mutex<BTreeMap<String, u64>>,
     /// Events acknowledged but not applied: `source`, `reason`.
     ignored: Mutex<BTreeMap<String, u64>>,
+    /// Batch entries that could not identify their subject: `source`, `reason`.
+    skipped: Mutex<BTreeMap<String, u64>>,
     lookups_single: AtomicU64,
     lookups_bulk: AtomicU64,
     webhook_latency: Histogram,
@@ -93,6 +95,14 @@ impl Metrics {
     pub fn ignored(&self, source: &str, reason: &str) {
         bump(
             &self.ignored,
+            format!("source=\"{source}\",reason=\"{}\"", escape_label(reason)),
+        );
+    }
+
+    /// A batch entry that was skipped because it cannot identify its subject, and why.
+    pub fn skipped(&self, source: &str, reason: &str) {
+        bump(
+            &self.skipped,
             format!("source=\"{source}\",reason=\"{}\"", escape_label(reason)),
         );
     }
@@ -138,6 +148,12 @@ impl Metrics {
             "suppressd_webhook_ignored_events_total",
             "Events acknowledged without effect, by source and reason.",
             &self.ignored,
+        );
+        render_counter_map(
+            &mut out,
+            "suppressd_webhook_skipped_entries_total",
+            "Batch entries skipped because they cannot identify their subject, by source and reason.",
+            &self.skipped,
         );
         out.push_str("# HELP suppressd_lookups_total Subjects looked up, single or in bulk.\n");
         out.push_str("# TYPE suppressd_lookups_total counter\n");

@@ -11,8 +11,9 @@ use crate::auth::{self, ApiTokens, Secret};
 use crate::cli::ServeArgs;
 use crate::metrics::Metrics;
 use crate::phone::Normalizer;
+use crate::providers::tencent::TencentConfig;
 use crate::server::{self, AppState, Listeners};
-use crate::store::{Store, StoreConfig, StoreError};
+use crate::store::{Rules, Store, StoreConfig, StoreError};
 use crate::tls::CertSource;
 use crate::webhooks::WebhookConfig;
 
@@ -58,19 +59,43 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
         )));
     }
     let webhook_addrs = server::resolve(&args.webhook_listen, "--webhook-listen")?;
+    let tencent = match (&args.tencent_sdkappid, &args.tencent_token_file) {
+        (Some(sdkappid), token_file) => Some(TencentConfig {
+            sdkappid: sdkappid.trim().to_owned(),
+            token: token_file
+                .as_deref()
+                .map(|path| auth::read_secret_file(path, "--tencent-token-file"))
+                .transpose()?,
+            max_skew_secs: args.tencent_max_skew,
+        }),
+        (None, Some(_)) => {
+            return Err(StartupError::Config(
+                "--tencent-token-file was given without --tencent-sdkappid; give the SDKAppID to enable Tencent".into(),
+            ))
+        }
+        (None, None) => None,
+    };
     let webhooks = WebhookConfig {
         lox24: read_secret(args.lox24_secret_file.as_deref(), "--lox24-secret-file")?,
+        tencent,
+        sendios: read_secret(args.sendios_secret_file.as_deref(), "--sendios-secret-file")?,
     };
-    if webhooks.lox24.is_none() {
+    if webhooks.lox24.is_none() && webhooks.tencent.is_none() && webhooks.sendios.is_none() {
         tracing::warn!(
-            "no provider is enabled (give --lox24-secret-file); every webhook will be answered 404"
+            "no provider is enabled (give --lox24-secret-file, --tencent-sdkappid or --sendios-secret-file); every webhook will be answered 404"
         );
+    }
+    if webhooks.tencent.as_ref().is_some_and(|t| t.token.is_none()) {
+        tracing::warn!("Tencent webhooks are enabled without --tencent-token-file: requests are checked by SdkAppid only");
     }
 
     let metrics = Arc::new(Metrics::default());
     let store_config = StoreConfig {
         dir: args.data_dir.clone(),
         cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+        rules: Rules {
+            lost_threshold: args.sendios_lost_threshold,
+        },
     };
     let store = {
         let metrics = metrics.clone();

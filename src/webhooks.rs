@@ -10,10 +10,11 @@ use std::time::Instant;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
-use crate::auth::{self, Secret};
+use crate::auth::{self, AuthFailure, Secret};
 use crate::error::HttpError;
-use crate::event::now_ms;
-use crate::providers::lox24;
+use crate::event::{ms_to_secs, now_ms};
+use crate::providers::tencent::{self, TencentConfig};
+use crate::providers::{lox24, sendios};
 use crate::server::AppState;
 use crate::store::Outcome;
 use crate::web::{discard_body, json_response, query_param, read_body, Request, Response};
@@ -25,14 +26,25 @@ pub const MAX_BODY: usize = 1024 * 1024;
 #[derive(Debug, Default, Clone)]
 pub struct WebhookConfig {
     pub lox24: Option<Secret>,
+    pub tencent: Option<TencentConfig>,
+    pub sendios: Option<Secret>,
 }
 
 pub async fn handle(state: &AppState, request: Request) -> Response {
     let started = Instant::now();
-    match (request.uri().path(), &state.webhooks.lox24) {
-        ("/webhooks/lox24", Some(secret)) => {
-            let result = lox24_delivery(state, secret, request).await;
-            finish(state, "lox24", started, result)
+    let hooks = &state.webhooks;
+    match request.uri().path() {
+        "/webhooks/lox24" if hooks.lox24.is_some() => {
+            let result = lox24_delivery(state, request).await;
+            finish(state, "lox24", started, result, HttpError::into_response)
+        }
+        "/webhooks/tencent" if hooks.tencent.is_some() => {
+            let result = tencent_delivery(state, request).await;
+            finish(state, "tencent", started, result, tencent_error)
+        }
+        "/webhooks/sendios" if hooks.sendios.is_some() => {
+            let result = sendios_delivery(state, request).await;
+            finish(state, "sendios", started, result, HttpError::into_response)
         }
         _ => {
             discard_body(request).await;
@@ -52,6 +64,7 @@ fn finish(
     source: &'static str,
     started: Instant,
     result: Result<Handled, HttpError>,
+    render_error: fn(HttpError) -> Response,
 ) -> Response {
     match result {
         Ok(handled) => {
@@ -79,35 +92,42 @@ fn finish(
             state
                 .metrics
                 .webhook(source, "rejected", status.as_u16(), started.elapsed());
-            error.into_response()
+            render_error(error)
         }
     }
 }
 
-/// Authenticates a provider's POST and reads its body.
+/// Refuses a request before its body matters, draining the body so the client sees the status.
+async fn refuse(request: Request, error: HttpError) -> HttpError {
+    discard_body(request).await;
+    error
+}
+
+/// Authenticates a shared-secret provider's POST and reads its body.
 async fn authenticated_body(secret: &Secret, request: Request) -> Result<bytes::Bytes, HttpError> {
-    let refusal = if request.method() != Method::POST {
-        Some(HttpError::MethodNotAllowed { allow: "POST" })
+    if request.method() != Method::POST {
+        return Err(refuse(request, HttpError::MethodNotAllowed { allow: "POST" }).await);
+    }
+    let token = query_param(request.uri().query(), "token");
+    if let Err(failure) = auth::check_webhook_secret(secret, request.headers(), token.as_deref()) {
+        return Err(refuse(request, HttpError::auth(failure)).await);
+    }
+    read_body(request, MAX_BODY).await
+}
+
+/// How a request's committed events ended, for responses and metrics.
+fn outcome_of(outcomes: &[Outcome]) -> &'static str {
+    if !outcomes.is_empty() && outcomes.iter().all(|o| *o == Outcome::Duplicate) {
+        "duplicate"
     } else {
-        let token = query_param(request.uri().query(), "token");
-        auth::check_webhook_secret(secret, request.headers(), token.as_deref())
-            .err()
-            .map(HttpError::auth)
-    };
-    match refusal {
-        Some(error) => {
-            discard_body(request).await;
-            Err(error)
-        }
-        None => read_body(request, MAX_BODY).await,
+        "accepted"
     }
 }
 
-async fn lox24_delivery(
-    state: &AppState,
-    secret: &Secret,
-    request: Request,
-) -> Result<Handled, HttpError> {
+async fn lox24_delivery(state: &AppState, request: Request) -> Result<Handled, HttpError> {
+    let Some(secret) = &state.webhooks.lox24 else {
+        return Err(HttpError::NotFound);
+    };
     let body = authenticated_body(secret, request).await?;
     match lox24::parse(&body, &state.phones, now_ms())? {
         lox24::Delivery::Ignored { name } => {
@@ -133,11 +153,7 @@ async fn lox24_delivery(
                     warnings.join("; ")
                 );
             }
-            let outcomes = state.store.commit(vec![event]).await?;
-            let outcome = match outcomes.first() {
-                Some(Outcome::Duplicate) => "duplicate",
-                _ => "accepted",
-            };
+            let outcome = outcome_of(&state.store.commit(vec![event]).await?);
             tracing::info!(source = "lox24", event_id, outcome, "webhook processed");
             Ok(Handled {
                 outcome,
@@ -145,4 +161,159 @@ async fn lox24_delivery(
             })
         }
     }
+}
+
+/// Tencent's response shape, for errors too: `{"ActionStatus":"FAIL","ErrorCode":…,"ErrorInfo":…}`.
+fn tencent_error(error: HttpError) -> Response {
+    let status = error.status();
+    let body = json!({
+        "ActionStatus": "FAIL",
+        "ErrorCode": status.as_u16(),
+        "ErrorInfo": error.to_string(),
+    });
+    let mut response = json_response(status, &body);
+    error.decorate(&mut response);
+    response
+}
+
+fn tencent_ok(info: String) -> serde_json::Value {
+    json!({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": info})
+}
+
+async fn tencent_delivery(state: &AppState, request: Request) -> Result<Handled, HttpError> {
+    let Some(config) = &state.webhooks.tencent else {
+        return Err(HttpError::NotFound);
+    };
+    if request.method() != Method::POST {
+        return Err(refuse(request, HttpError::MethodNotAllowed { allow: "POST" }).await);
+    }
+    let query = request.uri().query();
+    let param = |name| query_param(query, name).map(|v| v.into_owned());
+    let params = tencent::UrlParams {
+        sdkappid: param("SdkAppid"),
+        command: param("CallbackCommand"),
+        sign: param("Sign"),
+        request_time: param("RequestTime"),
+    };
+    if let Err((failure, why)) = tencent::check_request(config, &params, ms_to_secs(now_ms())) {
+        let error = match failure {
+            AuthFailure::Missing => HttpError::Unauthorized(why),
+            AuthFailure::Wrong => HttpError::Forbidden(why),
+        };
+        return Err(refuse(request, error).await);
+    }
+    let body = read_body(request, MAX_BODY).await?;
+    match tencent::parse(&body, params.command.as_deref(), now_ms())? {
+        tencent::Delivery::Ignored { command } => {
+            state.metrics.ignored("tencent", "other_callback_command");
+            tracing::info!(
+                source = "tencent",
+                command,
+                outcome = "ignored",
+                "callback suppressd does not act on"
+            );
+            Ok(Handled {
+                outcome: "ignored",
+                body: tencent_ok(String::new()),
+            })
+        }
+        tencent::Delivery::Unsubscribe {
+            events,
+            skipped,
+            warnings,
+        } => {
+            if !warnings.is_empty() {
+                tracing::warn!(
+                    source = "tencent",
+                    "stored with fields absent: {}",
+                    warnings.join("; ")
+                );
+            }
+            let skipped_info = tencent::describe_skipped(&skipped);
+            for entry in &skipped {
+                state.metrics.skipped("tencent", entry.reason);
+            }
+            if !skipped.is_empty() {
+                tracing::warn!(source = "tencent", "entries skipped: {skipped_info}");
+            }
+            let count = events.len();
+            let outcome = outcome_of(&state.store.commit(events).await?);
+            tracing::info!(
+                source = "tencent",
+                accounts = count,
+                skipped = skipped.len(),
+                outcome,
+                "webhook processed"
+            );
+            Ok(Handled {
+                outcome,
+                body: tencent_ok(skipped_info),
+            })
+        }
+    }
+}
+
+async fn sendios_delivery(state: &AppState, request: Request) -> Result<Handled, HttpError> {
+    let Some(secret) = &state.webhooks.sendios else {
+        return Err(HttpError::NotFound);
+    };
+    let body = authenticated_body(secret, request).await?;
+    let batch = sendios::parse(&body, now_ms())?;
+    if !batch.warnings.is_empty() {
+        tracing::warn!(
+            source = "sendios",
+            "stored with fields absent: {}",
+            batch.warnings.join("; ")
+        );
+    }
+    for entry in &batch.skipped {
+        state.metrics.skipped("sendios", &entry.reason);
+        tracing::warn!(
+            source = "sendios",
+            key = entry.key,
+            "entry skipped: {}",
+            entry.reason
+        );
+    }
+    for entry in &batch.ignored {
+        state.metrics.ignored("sendios", "unknown_event");
+        tracing::info!(
+            source = "sendios",
+            key = entry.key,
+            event = entry.event,
+            "event suppressd does not act on"
+        );
+    }
+    let outcomes = if batch.events.is_empty() {
+        Vec::new()
+    } else {
+        state.store.commit(batch.events).await?
+    };
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == Outcome::Duplicate)
+        .count();
+    let outcome = if outcomes.is_empty() {
+        "ignored"
+    } else {
+        outcome_of(&outcomes)
+    };
+    tracing::info!(
+        source = "sendios",
+        events = outcomes.len(),
+        duplicates,
+        skipped = batch.skipped.len(),
+        outcome,
+        "webhook processed"
+    );
+    Ok(Handled {
+        outcome,
+        body: json!({
+            "status": outcome,
+            "accepted": outcomes.len() - duplicates,
+            "duplicates": duplicates,
+            "ignored": batch.ignored,
+            "skipped": batch.skipped,
+        }),
+    })
 }

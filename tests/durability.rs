@@ -183,7 +183,13 @@ async fn a_store_that_cannot_write_answers_500() {
         eprintln!("SKIPPED a_store_that_cannot_write_answers_500: mounting a tmpfs needs root");
         return;
     };
-    let server = Server::start_in(dir.clone(), Options::default());
+    let server = Server::start_in(
+        dir.clone(),
+        Options {
+            sendios: true,
+            ..Options::default()
+        },
+    );
     assert_eq!(
         server
             .lox24(lox24_event(
@@ -224,5 +230,17 @@ async fn a_store_that_cannot_write_answers_500() {
     assert_eq!(lookup.status, 200);
     assert_eq!(lookup.json()["suppressed"], true);
     assert!(server.metric("suppressd_store_write_failures_total").await >= 1.0);
+
+    // A batch that cannot be stored is stored not at all: 500, and none of its accounts changed.
+    let lost = |account: &str| json!({"event": "sms_lost", "client_user_id": account, "project_id": 5, "sms_id": account});
+    let batch = json!({"0": lost("first"), "1": lost("second")});
+    assert_eq!(server.sendios(batch.to_string()).await.status, 500);
+    for account in ["first", "second"] {
+        let record = server
+            .get(&format!("/v1/accounts/sendios:5/{account}"))
+            .await
+            .json();
+        assert_eq!(record["suppressed"], false, "{account}");
+    }
     assert!(server.metric("suppressd_webhook_requests_total{source=\"lox24\",outcome=\"rejected\",status=\"500\"}").await >= 1.0);
 }

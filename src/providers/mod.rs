@@ -4,6 +4,8 @@
 //! them be unit-tested against the providers' documented examples and fuzzed.
 
 pub mod lox24;
+pub mod sendios;
+pub mod tencent;
 
 use serde_json::{Map, Value};
 

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::record::Rules;
 use super::wal::Wal;
 use super::{
     history_key, record_key, seen_key, subject_key, Outcome, Record, StoreError, StoredEvent,
@@ -60,6 +61,7 @@ struct Applied {
 pub(super) struct Applier {
     pub db: sled::Db,
     pub tree: sled::Tree,
+    pub rules: Rules,
 }
 
 /// The sled side of durability: flushing the tree and fsyncing its log file.
@@ -204,7 +206,7 @@ impl Applier {
                 Some(bytes) => Record::decode(&bytes)?,
                 None => Record::default(),
             };
-            let applied = record.apply(event);
+            let applied = record.apply(event, &self.rules);
             if applied {
                 mine.put(record_key, record.encode());
             }

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{Event, Subject};
 use crate::metrics::Metrics;
-pub use record::{Reason, Record, Status};
+pub use record::{Reason, Record, Rules, Status};
 
 /// What a committed event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,6 +80,7 @@ pub struct StoreConfig {
     /// The data directory: sled lives in `db/`, the write-ahead log in `wal`.
     pub dir: PathBuf,
     pub cache_bytes: u64,
+    pub rules: Rules,
 }
 
 /// The open database. Cheap to share behind an `Arc`.
@@ -119,6 +120,7 @@ impl Store {
         let applier = committer::Applier {
             db: db.clone(),
             tree: tree.clone(),
+            rules: config.rules,
         };
         let recovered = wal::Wal::open(&config.dir.join("wal")).map_err(open_error)?;
         let mut wal = recovered.wal;
@@ -282,6 +284,17 @@ pub fn subject_key(subject: &Subject) -> Vec<u8> {
             key.extend_from_slice(phone.as_bytes());
             key
         }
+        Subject::Account { scope, account } => {
+            let mut key = Vec::with_capacity(scope.len() + account.len() + 5);
+            key.push(b'a');
+            for part in [scope, account] {
+                // Parsers cap ids at MAX_ID_BYTES, far below u16::MAX.
+                let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
+                key.extend_from_slice(&len.to_be_bytes());
+                key.extend_from_slice(&part.as_bytes()[..usize::from(len)]);
+            }
+            key
+        }
     }
 }
 
@@ -327,6 +340,18 @@ mod tests {
             phone: "+4912345678".into(),
         });
         assert!(!long.starts_with(&short));
+    }
+
+    #[test]
+    fn account_keys_are_prefix_free() {
+        let account = |scope: &str, account: &str| {
+            subject_key(&Subject::Account {
+                scope: scope.into(),
+                account: account.into(),
+            })
+        };
+        assert!(!account("tencent:a", "bc").starts_with(&account("tencent:a", "b")));
+        assert_ne!(account("tencent:ab", "c"), account("tencent:a", "bc"));
     }
 
     #[test]

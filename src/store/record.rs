@@ -34,6 +34,26 @@ pub struct Record {
     pub reasons: Vec<Reason>,
     /// Receive time of the last event that changed the record.
     pub changed_at_ms: i64,
+    /// Consecutive `sms_lost` events, in arrival order, since the last `sms_click`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_streak: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Policy knobs that decide how events change records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Consecutive `sms_lost` events that make a subject undeliverable; 0 disables.
+    pub lost_threshold: u32,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules { lost_threshold: 3 }
+    }
 }
 
 /// The part of a record a bulk check needs.
@@ -58,13 +78,37 @@ impl Record {
     }
 
     /// Applies `event`, returning whether the record changed.
-    pub fn apply(&mut self, event: &Event) -> bool {
+    pub fn apply(&mut self, event: &Event, rules: &Rules) -> bool {
         match event.kind {
-            Kind::Unsubscribe => self.add_reason(event),
+            Kind::Unsubscribe => self.add_reason(event, Kind::Unsubscribe),
+            Kind::SmsSent | Kind::Undeliverable => false,
+            Kind::SmsLost => {
+                self.lost_streak = self.lost_streak.saturating_add(1);
+                let crossed = rules.lost_threshold > 0
+                    && self.lost_streak >= rules.lost_threshold
+                    && !self.reasons.iter().any(|r| r.kind == Kind::Undeliverable);
+                if crossed {
+                    self.add_reason(event, Kind::Undeliverable);
+                }
+                self.changed_at_ms = event.receive_time_ms;
+                true
+            }
+            Kind::SmsClick => {
+                // A click proves the subject reachable: it ends an undeliverable suppression,
+                // never an unsubscribe.
+                let before = (self.lost_streak, self.reasons.len());
+                self.lost_streak = 0;
+                self.reasons.retain(|r| r.kind != Kind::Undeliverable);
+                let changed = before != (self.lost_streak, self.reasons.len());
+                if changed {
+                    self.changed_at_ms = event.receive_time_ms;
+                }
+                changed
+            }
         }
     }
 
-    fn add_reason(&mut self, event: &Event) -> bool {
+    fn add_reason(&mut self, event: &Event, kind: Kind) -> bool {
         if self.reasons.len() >= MAX_REASONS {
             let Some(latest) = self.reasons.last() else {
                 return false;
@@ -81,7 +125,7 @@ impl Record {
             at,
             Reason {
                 source: event.source,
-                kind: event.kind,
+                kind,
                 event_id: event.event_id.clone(),
                 event_time_ms: event.event_time_ms,
                 details: event.details.clone(),
@@ -159,9 +203,10 @@ mod tests {
     #[test]
     fn since_is_the_earliest_unsubscribe_in_force() {
         let mut record = Record::default();
-        assert!(record.apply(&unsubscribe("b", 2_000)));
-        assert!(record.apply(&unsubscribe("a", 1_000)));
-        assert!(record.apply(&unsubscribe("c", 3_000)));
+        let rules = Rules::default();
+        assert!(record.apply(&unsubscribe("b", 2_000), &rules));
+        assert!(record.apply(&unsubscribe("a", 1_000), &rules));
+        assert!(record.apply(&unsubscribe("c", 3_000), &rules));
         assert_eq!(record.since_ms(), Some(1_000));
         let ids: Vec<_> = record
             .reasons
@@ -175,18 +220,65 @@ mod tests {
     fn reasons_are_capped_keeping_the_earliest() {
         let mut record = Record::default();
         for i in 0..MAX_REASONS as i64 + 10 {
-            record.apply(&unsubscribe(&i.to_string(), 10_000 + i));
+            record.apply(&unsubscribe(&i.to_string(), 10_000 + i), &Rules::default());
         }
         assert_eq!(record.reasons.len(), MAX_REASONS);
-        assert!(record.apply(&unsubscribe("early", 5)));
+        assert!(record.apply(&unsubscribe("early", 5), &Rules::default()));
         assert_eq!(record.reasons.len(), MAX_REASONS);
         assert_eq!(record.since_ms(), Some(5));
+    }
+
+    fn sendios(kind: Kind, at_ms: i64) -> Event {
+        Event {
+            kind,
+            source: Source::Sendios,
+            ..unsubscribe(&at_ms.to_string(), at_ms)
+        }
+    }
+
+    #[test]
+    fn consecutive_losses_make_undeliverable_and_a_click_lifts_only_that() {
+        let rules = Rules { lost_threshold: 3 };
+        let mut record = Record::default();
+        record.apply(&sendios(Kind::SmsLost, 1_000), &rules);
+        record.apply(&sendios(Kind::SmsLost, 2_000), &rules);
+        record.apply(&sendios(Kind::SmsClick, 2_500), &rules);
+        record.apply(&sendios(Kind::SmsLost, 3_000), &rules);
+        record.apply(&sendios(Kind::SmsLost, 4_000), &rules);
+        assert!(!record.suppressed(), "the click reset the streak");
+        assert!(!record.apply(&sendios(Kind::SmsSent, 4_500), &rules));
+        record.apply(&sendios(Kind::SmsLost, 5_000), &rules);
+        assert!(record.suppressed());
+        assert_eq!(
+            record.since_ms(),
+            Some(5_000),
+            "since is the ts of the loss that crossed"
+        );
+        assert_eq!(record.reasons[0].kind, Kind::Undeliverable);
+
+        record.apply(&unsubscribe("u", 6_000), &rules);
+        assert!(record.apply(&sendios(Kind::SmsClick, 7_000), &rules));
+        assert!(record.suppressed(), "a click never lifts an unsubscribe");
+        assert_eq!(record.reasons.len(), 1);
+        assert_eq!(record.reasons[0].kind, Kind::Unsubscribe);
+        assert_eq!(record.lost_streak, 0);
+    }
+
+    #[test]
+    fn a_zero_threshold_disables_undeliverable() {
+        let rules = Rules { lost_threshold: 0 };
+        let mut record = Record::default();
+        for t in 0..10 {
+            record.apply(&sendios(Kind::SmsLost, t), &rules);
+        }
+        assert!(!record.suppressed());
+        assert_eq!(record.lost_streak, 10);
     }
 
     #[test]
     fn encoding_round_trips_and_header_matches() {
         let mut record = Record::default();
-        record.apply(&unsubscribe("a", 1_757_849_748_000));
+        record.apply(&unsubscribe("a", 1_757_849_748_000), &Rules::default());
         let bytes = record.encode();
         assert_eq!(Record::decode(&bytes).ok(), Some(record.clone()));
         assert_eq!(decode_status(&bytes).ok(), Some(record.status()));

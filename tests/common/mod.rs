@@ -17,6 +17,8 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 
 pub const SECRET: &str = "lox24-test-secret";
+pub const SENDIOS_SECRET: &str = "sendios-test-secret";
+pub const TENCENT_APP: &str = "1400000000";
 pub const SEED_EXAMPLE_FILE: &str = "../shared/seeds/001_e6d44ce32de44f9e.txt";
 
 /// The example JSON of a seed page, cut out verbatim.
@@ -57,6 +59,9 @@ pub struct Options {
     pub tls_files: bool,
     pub api_tokens: Option<String>,
     pub api_listen: &'static str,
+    /// Enables Tencent with SdkAppid [`TENCENT_APP`] and, if given, this token.
+    pub tencent: Option<Option<&'static str>>,
+    pub sendios: bool,
     pub extra: Vec<String>,
 }
 
@@ -67,6 +72,8 @@ impl Default for Options {
             tls_files: true,
             api_tokens: None,
             api_listen: "127.0.0.1:0",
+            tencent: None,
+            sendios: false,
             extra: Vec::new(),
         }
     }
@@ -149,6 +156,19 @@ impl Server {
             std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
                 .unwrap();
             args.extend(["--lox24-secret-file".into(), secret.display().to_string()]);
+        }
+        if let Some(token) = options.tencent {
+            args.extend(["--tencent-sdkappid".into(), TENCENT_APP.into()]);
+            if let Some(token) = token {
+                let file = dir.path().join("tencent.token");
+                std::fs::write(&file, token).unwrap();
+                args.extend(["--tencent-token-file".into(), file.display().to_string()]);
+            }
+        }
+        if options.sendios {
+            let file = dir.path().join("sendios.secret");
+            std::fs::write(&file, SENDIOS_SECRET).unwrap();
+            args.extend(["--sendios-secret-file".into(), file.display().to_string()]);
         }
         let mut api_token = None;
         if let Some(tokens) = &options.api_tokens {
@@ -331,6 +351,13 @@ impl Server {
     pub async fn lox24(&self, body: impl Into<Bytes>) -> Reply {
         let auth = format!("Bearer {SECRET}");
         self.webhook("/webhooks/lox24", &[("authorization", &auth)], body)
+            .await
+    }
+
+    /// A Sendios delivery authenticated with the Bearer secret.
+    pub async fn sendios(&self, body: impl Into<Bytes>) -> Reply {
+        let auth = format!("Bearer {SENDIOS_SECRET}");
+        self.webhook("/webhooks/sendios", &[("authorization", &auth)], body)
             .await
     }
 
