@@ -167,7 +167,12 @@ fn account_id(field: &str, value: &str) -> Result<String, HttpError> {
 
 fn subject_record(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
     let subject = subject(state, path)?;
-    let record = state.store.record(&subject)?;
+    // Most numbers looked up are not suppressed: the in-memory index answers those without
+    // touching the database (a record that is not suppressed has no reasons to show).
+    let record = match &subject {
+        Subject::Phone { phone } if !state.store.phone_status(phone)?.suppressed => None,
+        _ => state.store.record(&subject)?,
+    };
     state.metrics.lookups(false, 1);
     Ok(json_response(
         StatusCode::OK,

@@ -10,8 +10,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -64,6 +63,13 @@ pub async fn run(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
+    // The local API is HTTP/1.1 only: skipping protocol detection is measurably faster on the
+    // single-lookup path.
+    let mut api_builder = hyper::server::conn::http1::Builder::new();
+    api_builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let api_builder = Arc::new(api_builder);
 
     tokio::pin!(shutdown);
     loop {
@@ -82,21 +88,29 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (state, builder, watcher) = (state.clone(), builder.clone(), graceful.watcher());
+        let (state, watcher) = (state.clone(), graceful.watcher());
         match side {
             Side::Webhook => {
-                let tls = tls.clone();
+                let (tls, builder) = (tls.clone(), builder.clone());
                 tokio::spawn(async move {
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
                     else {
                         return;
                     };
-                    serve(stream, side, state, &builder, watcher).await;
+                    let connection =
+                        builder.serve_connection(TokioIo::new(stream), service(side, state));
+                    // Errors here are clients going away or speaking garbage; nothing to act on.
+                    let _ = watcher.watch(connection).await;
                 });
             }
             Side::Api => {
-                tokio::spawn(async move { serve(stream, side, state, &builder, watcher).await });
+                let builder = api_builder.clone();
+                tokio::spawn(async move {
+                    let connection =
+                        builder.serve_connection(TokioIo::new(stream), service(side, state));
+                    let _ = watcher.watch(connection).await;
+                });
             }
         }
     }
@@ -113,16 +127,16 @@ pub async fn run(
     tracing::info!("store flushed and closed");
 }
 
-async fn serve<S>(
-    stream: S,
+fn service(
     side: Side,
     state: Arc<AppState>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |request| {
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = crate::web::Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<crate::web::Response, Infallible>> + Send,
+> + Clone {
+    service_fn(move |request| {
         let state = state.clone();
         async move {
             Ok::<_, Infallible>(match side {
@@ -130,10 +144,7 @@ async fn serve<S>(
                 Side::Api => api::handle(&state, request).await,
             })
         }
-    });
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
-    // Errors here are clients going away or speaking garbage; nothing to act on.
-    let _ = watcher.watch(connection).await;
+    })
 }
 
 /// Binds a listener, turning "address in use" into an instruction.

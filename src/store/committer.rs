@@ -26,10 +26,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::index::PhoneIndex;
 use super::record::Rules;
 use super::wal::Wal;
 use super::{
-    history_key, record_key, seen_key, subject_key, Outcome, Record, StoreError, StoredEvent,
+    history_key, phone_of_record_key, record_key, seen_key, subject_key, Outcome, Record,
+    StoreError, StoredEvent,
 };
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -62,6 +64,8 @@ pub(super) struct Applier {
     pub db: sled::Db,
     pub tree: sled::Tree,
     pub rules: Rules,
+    /// Kept in step with every phone record written.
+    pub phones: Arc<PhoneIndex>,
 }
 
 /// The sled side of durability: flushing the tree and fsyncing its log file.
@@ -184,10 +188,18 @@ impl Applier {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
+        let mut phones = Vec::new();
         for (key, value) in pending.writes {
+            if let Some(number) = phone_of_record_key(&key) {
+                phones.push((number, value.clone()));
+            }
             batch.insert(key, value);
         }
-        self.tree.apply_batch(batch)
+        self.tree.apply_batch(batch)?;
+        for (number, value) in phones {
+            self.phones.update(number, &value);
+        }
+        Ok(())
     }
 
     /// Computes one request's writes into `pending`; on error, `pending` is left as it was.

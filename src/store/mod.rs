@@ -15,6 +15,7 @@
 //! commit). That is what lets webhooks promise "no 2xx before durable".
 
 mod committer;
+mod index;
 pub mod record;
 mod wal;
 
@@ -87,6 +88,7 @@ pub struct StoreConfig {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    phones: Arc<index::PhoneIndex>,
     committer: mpsc::Sender<committer::Job>,
     committer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -117,10 +119,12 @@ impl Store {
             db: db.clone(),
             log_file: File::open(sled_dir.join("db")).map_err(open_error)?,
         };
+        let phones = Arc::new(index::PhoneIndex::new());
         let applier = committer::Applier {
             db: db.clone(),
             tree: tree.clone(),
             rules: config.rules,
+            phones: phones.clone(),
         };
         let recovered = wal::Wal::open(&config.dir.join("wal")).map_err(open_error)?;
         let mut wal = recovered.wal;
@@ -141,12 +145,25 @@ impl Store {
                 "replayed the write-ahead log"
             );
         }
+        let started = std::time::Instant::now();
+        for entry in tree.scan_prefix([RECORD, b'p']) {
+            let (key, value) = entry?;
+            if let Some(number) = phone_of_record_key(&key) {
+                phones.update(number, &value);
+            }
+        }
+        tracing::info!(
+            suppressed_phones = phones.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "phone index built"
+        );
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
         let thread =
             committer::spawn(applier, checkpointer, wal, receiver, metrics).map_err(open_error)?;
         Ok(Store {
             db,
             tree,
+            phones,
             committer: sender,
             committer_thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -178,19 +195,14 @@ impl Store {
         }
     }
 
-    /// Whether a phone (already E.164) is suppressed; the bulk-check hot path, so the key is
-    /// built on the stack.
+    /// Whether a phone (already E.164) is suppressed; the bulk-check hot path, answered from
+    /// the in-memory index.
     pub fn phone_status(&self, phone: &str) -> Result<Status, StoreError> {
-        let mut key = [0u8; 3 + u8::MAX as usize];
-        let len = u8::try_from(phone.len()).unwrap_or(u8::MAX);
-        key[0] = RECORD;
-        key[1] = b'p';
-        key[2] = len;
-        let end = 3 + usize::from(len);
-        key[3..end].copy_from_slice(&phone.as_bytes()[..usize::from(len)]);
-        match self.tree.get(&key[..end])? {
-            Some(bytes) => Ok(record::decode_status(&bytes)?),
-            None => Ok(Status::default()),
+        match index::phone_number(phone) {
+            Some(number) => Ok(self.phones.status(number)),
+            None => self.status(&Subject::Phone {
+                phone: phone.to_owned(),
+            }),
         }
     }
 
@@ -303,6 +315,12 @@ fn tagged(tag: u8, rest: &[u8], capacity: usize) -> Vec<u8> {
     key.push(tag);
     key.extend_from_slice(rest);
     key
+}
+
+/// The number of a phone record's key (`R` ‖ `p` ‖ len ‖ E.164).
+fn phone_of_record_key(key: &[u8]) -> Option<u64> {
+    let phone = key.strip_prefix(&[RECORD, b'p'])?.get(1..)?;
+    index::phone_number(std::str::from_utf8(phone).ok()?)
 }
 
 fn record_key(subject_key: &[u8]) -> Vec<u8> {
