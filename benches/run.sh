@@ -3,19 +3,21 @@
 # and drives it with wrk (installed from Debian if missing) on the same machine:
 #   1. durable LOX24 deliveries over HTTPS keep-alive, 64 concurrent connections;
 #   2. single lookups over HTTP/1.1 keep-alive, 64 connections;
-#   3. bulk POST /v1/check with 10,000 numbers per request.
+#   3. bulk POST /v1/check with 10,000 numbers per request;
+#   4. for reference, nginx answering a fixed JSON body to the same wrk script as phase 2, because figures
+#      on a shared 2-core VM drift from run to run and the ratio is what carries over.
 # Prints wrk's figures and a summary. DURATION (seconds per phase, default 20) can be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-20}
 
-if ! command -v wrk >/dev/null 2>&1; then
-  apt-get update -qq && apt-get install -y -qq wrk
+if ! command -v wrk >/dev/null 2>&1 || ! command -v nginx >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq wrk nginx
 fi
 cargo build --release --locked -q
 
 work=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; nginx -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"' EXIT
 export BENCH_SECRET=bench-secret
 printf '%s\n' "$BENCH_SECRET" > "$work/lox24.secret"
 chmod 600 "$work/lox24.secret"
@@ -28,6 +30,12 @@ webhook=$(grep -o 'webhook=[0-9.:]*' "$work/log" | cut -d= -f2)
 api=$(grep -o 'api=[0-9.:]*' "$work/log" | cut -d= -f2)
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+# The disk's synchronous-write latency bounds durable deliveries; on a shared VM it drifts.
+dd if=/dev/zero of="$work/sync-probe" bs=16k count=16 2>/dev/null
+TIMEFORMAT=%R
+elapsed=$( { time dd if=/dev/zero of="$work/sync-probe" bs=16k count=500 oflag=dsync conv=notrunc >/dev/null 2>&1; } 2>&1 )
+sync_us=$(awk -v e="$elapsed" 'BEGIN { printf "%.0f", e * 1000000 / 500 }')
+echo "== disk: one 16 KiB O_DSYNC write takes ${sync_us} us"
 echo "== 1. durable LOX24 deliveries, HTTPS keep-alive, 64 connections, ${DURATION}s"
 wrk -t2 -c64 -d"${DURATION}s" --latency -s benches/lox24.lua "https://$webhook/webhooks/lox24" | tee "$work/deliveries"
 echo "== 2. single lookups, HTTP/1.1 keep-alive, 64 connections, ${DURATION}s"
@@ -35,12 +43,32 @@ wrk -t2 -c64 -d"${DURATION}s" --latency -s benches/lookup.lua "http://$api" | te
 echo "== 3. bulk check, 10,000 numbers per request, 4 connections, ${DURATION}s"
 wrk -t2 -c4 -d"${DURATION}s" --latency -s benches/check.lua "http://$api/v1/check" | tee "$work/bulk"
 
+echo "== 4. reference: nginx returning a fixed JSON body, 64 connections, ${DURATION}s"
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:18099;
+    location / { default_type application/json; return 200 '{"phone":"+4930123456","suppressed":false,"since":null,"reasons":[]}'; }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf"
+sleep 0.5
+wrk -t2 -c64 -d"${DURATION}s" --latency -s benches/lookup.lua http://127.0.0.1:18099 | tee "$work/nginx"
+
 rps() { awk '/Requests\/sec/ {print $2}' "$1"; }
 p99() { awk '$1 == "99%" {print $2}' "$1"; }
 flushes=$(curl -s "http://$api/metrics" | awk '/^suppressd_store_flush_duration_seconds_count/ {print $2}')
 committed=$(curl -s "http://$api/metrics" | awk '/^suppressd_store_committed_requests_total/ {print $2}')
 echo
 echo "== summary"
+printf 'disk sync write:    %s us\n' "$sync_us"
 printf 'durable deliveries: %s/s (p99 %s); %s requests in %s flushes\n' "$(rps "$work/deliveries")" "$(p99 "$work/deliveries")" "$committed" "$flushes"
 printf 'single lookups:     %s/s (p99 %s)\n' "$(rps "$work/lookups")" "$(p99 "$work/lookups")"
+printf 'nginx fixed body:   %s/s (p99 %s)\n' "$(rps "$work/nginx")" "$(p99 "$work/nginx")"
 printf 'bulk check:         %s numbers/s (p99 %s per 10,000)\n' "$(awk -v r="$(rps "$work/bulk")" 'BEGIN {printf "%.0f", r * 10000}')" "$(p99 "$work/bulk")"

@@ -10,12 +10,14 @@ use std::time::Instant;
 use hyper::{Method, StatusCode};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::error::HttpError;
 use crate::event::{ms_to_secs, Subject, MAX_ID_BYTES};
 use crate::server::AppState;
-use crate::store::{Reason, Record, StoredEvent};
+use crate::store::record::{decode_status, reasons_json};
+use crate::store::{Status, StoreError, StoredEvent};
 use crate::web::{
     bytes_response, discard_body, json_response, path_segment, read_body, Request, Response,
 };
@@ -169,15 +171,37 @@ fn subject_record(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, 
     let subject = subject(state, path)?;
     // Most numbers looked up are not suppressed: the in-memory index answers those without
     // touching the database (a record that is not suppressed has no reasons to show).
-    let record = match &subject {
+    let bytes = match &subject {
         Subject::Phone { phone } if !state.store.phone_status(phone)?.suppressed => None,
-        _ => state.store.record(&subject)?,
+        _ => state.store.record_bytes(&subject)?,
     };
     state.metrics.lookups(false, 1);
-    Ok(json_response(
-        StatusCode::OK,
-        &record_view(&subject, record.as_ref()),
-    ))
+    let (status, reasons) = match &bytes {
+        Some(bytes) => (
+            decode_status(bytes).map_err(StoreError::from)?,
+            Some(reasons_json(bytes).map_err(StoreError::from)?),
+        ),
+        None => (Status::default(), None),
+    };
+    let empty = RawValue::from_string("[]".to_owned())
+        .map_err(|e| HttpError::bad_request(e.to_string()))?;
+    let view = RecordView {
+        subject: &subject,
+        suppressed: status.suppressed,
+        since: status.since_ms.map(ms_to_secs),
+        reasons: reasons.unwrap_or(&empty),
+    };
+    Ok(json_response(StatusCode::OK, &view))
+}
+
+/// The public shape of a record; a subject never seen is simply not suppressed.
+#[derive(Serialize)]
+struct RecordView<'a> {
+    #[serde(flatten)]
+    subject: &'a Subject,
+    suppressed: bool,
+    since: Option<i64>,
+    reasons: &'a RawValue,
 }
 
 fn subject_history(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
@@ -193,28 +217,6 @@ fn subject_fields(subject: &Subject) -> Value {
         Subject::Phone { phone } => json!({ "phone": phone }),
         Subject::Account { scope, account } => json!({ "scope": scope, "account": account }),
     }
-}
-
-/// The public shape of a record; a subject never seen is simply not suppressed.
-fn record_view(subject: &Subject, record: Option<&Record>) -> Value {
-    let mut body = subject_fields(subject);
-    let empty = Record::default();
-    let record = record.unwrap_or(&empty);
-    body["suppressed"] = json!(record.suppressed());
-    body["since"] = json!(record.since_ms().map(ms_to_secs));
-    body["reasons"] = Value::Array(record.reasons.iter().map(reason_view).collect());
-    body
-}
-
-fn reason_view(reason: &Reason) -> Value {
-    json!({
-        "source": reason.source,
-        "kind": reason.kind,
-        "event_id": reason.event_id,
-        "event_time": ms_to_secs(reason.event_time_ms),
-        "event_time_ms": reason.event_time_ms,
-        "details": reason.details,
-    })
 }
 
 fn history_view(stored: &StoredEvent) -> Value {

@@ -309,9 +309,16 @@ impl Syncer {
 
     /// Makes sled's state durable on its own, then empties the WAL.
     fn checkpoint(&mut self) -> std::io::Result<()> {
+        let started = Instant::now();
+        let wal_bytes = self.wal.len();
         self.checkpointer.make_durable()?;
         self.wal.clear()?;
         self.last_checkpoint = Instant::now();
+        tracing::debug!(
+            wal_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "checkpoint"
+        );
         Ok(())
     }
 }

@@ -106,6 +106,7 @@ mod tests {
             source: crate::event::Source::Lox24,
             kind: crate::event::Kind::Unsubscribe,
             event_id: None,
+            event_time: 7,
             event_time_ms: 7_000,
             details: serde_json::Map::new(),
         });

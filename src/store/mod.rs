@@ -179,12 +179,9 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// The full record of a subject, `None` if it was never seen.
-    pub fn record(&self, subject: &Subject) -> Result<Option<Record>, StoreError> {
-        match self.tree.get(record_key(&subject_key(subject)))? {
-            Some(bytes) => Ok(Some(Record::decode(&bytes)?)),
-            None => Ok(None),
-        }
+    /// A subject's stored record bytes (see [`record::reasons_json`]), `None` if never seen.
+    pub fn record_bytes(&self, subject: &Subject) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.tree.get(record_key(&subject_key(subject)))?)
     }
 
     /// Whether a subject is suppressed, reading only the record's fixed header.

@@ -17,12 +17,15 @@ const HEADER_LEN: usize = 10;
 /// enough to live inside sled's log rather than in an unsynced blob file.
 pub const MAX_REASONS: usize = 64;
 
-/// Why a subject is suppressed: one event that is in force.
+/// Why a subject is suppressed: one event that is in force. Stored exactly in the shape the API
+/// shows, so a lookup can copy the stored reasons into its response without rebuilding them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reason {
     pub source: Source,
     pub kind: Kind,
     pub event_id: Option<String>,
+    /// `event_time_ms` floored to Unix seconds.
+    pub event_time: i64,
     pub event_time_ms: i64,
     pub details: Map<String, Value>,
 }
@@ -127,6 +130,7 @@ impl Record {
                 source: event.source,
                 kind,
                 event_id: event.event_id.clone(),
+                event_time: crate::event::ms_to_secs(event.event_time_ms),
                 event_time_ms: event.event_time_ms,
                 details: event.details.clone(),
             },
@@ -157,6 +161,19 @@ impl Record {
         decode_status(bytes)?;
         serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|e| CorruptRecord(e.to_string()))
     }
+}
+
+/// The stored reasons of a record as raw JSON, without parsing them into values.
+pub fn reasons_json(bytes: &[u8]) -> Result<&serde_json::value::RawValue, CorruptRecord> {
+    #[derive(Deserialize)]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        reasons: &'a serde_json::value::RawValue,
+    }
+    decode_status(bytes)?;
+    serde_json::from_slice::<Raw<'_>>(&bytes[HEADER_LEN..])
+        .map(|raw| raw.reasons)
+        .map_err(|e| CorruptRecord(e.to_string()))
 }
 
 /// Reads only the fixed header of a stored record.
@@ -282,6 +299,9 @@ mod tests {
         let bytes = record.encode();
         assert_eq!(Record::decode(&bytes).ok(), Some(record.clone()));
         assert_eq!(decode_status(&bytes).ok(), Some(record.status()));
+        let reasons: Vec<Reason> =
+            serde_json::from_str(reasons_json(&bytes).expect("raw").get()).expect("reasons");
+        assert_eq!(reasons, record.reasons);
         let empty = Record::default().encode();
         assert_eq!(decode_status(&empty).ok(), Some(Status::default()));
         assert!(decode_status(&bytes[..4]).is_err());
