@@ -7,6 +7,19 @@ use std::sync::Arc;
 
 use common::{run_to_exit, Options, Server};
 
+/// `serve` on `data` with ephemeral loopback webhooks and the given API address.
+fn serve_args<'a>(data: &'a str, api_listen: &'a str) -> [&'a str; 7] {
+    [
+        "serve",
+        "--data-dir",
+        data,
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        api_listen,
+    ]
+}
+
 /// Asserts a failed start: non-zero exit, exactly one `suppressd:` line containing `needle`, and
 /// no panic output.
 fn assert_refused(args: &[&str], needle: &str) {
@@ -33,15 +46,7 @@ fn refuses_half_a_tls_configuration() {
     let cert = dir.path().join("cert.pem");
     std::fs::write(&cert, "x").unwrap();
     let cert = cert.to_str().unwrap();
-    let base = [
-        "serve",
-        "--data-dir",
-        data,
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--api-listen",
-        "127.0.0.1:0",
-    ];
+    let base = serve_args(data, "127.0.0.1:0");
     assert_refused(&[&base[..], &["--tls-cert", cert]].concat(), "--tls-key");
     assert_refused(&[&base[..], &["--tls-key", cert]].concat(), "--tls-cert");
     assert_refused(
@@ -58,15 +63,7 @@ fn refuses_half_a_tls_configuration() {
 fn refuses_an_open_api_on_a_public_address_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = [
-        "serve",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--api-listen",
-        "0.0.0.0:0",
-    ];
+    let args = serve_args(data.to_str().unwrap(), "0.0.0.0:0");
     assert_refused(&args, "--api-token-file");
 }
 
@@ -90,15 +87,7 @@ fn reports_a_port_in_use() {
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = [
-        "serve",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--api-listen",
-        &addr,
-    ];
+    let args = serve_args(data.to_str().unwrap(), &addr);
     assert_refused(&args, "already in use");
 }
 
@@ -106,15 +95,7 @@ fn reports_a_port_in_use() {
 fn reports_a_locked_database() {
     let server = Server::start(Options::default());
     let data = server.data_dir.to_str().unwrap().to_owned();
-    let args = [
-        "serve",
-        "--data-dir",
-        &data,
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--api-listen",
-        "127.0.0.1:0",
-    ];
+    let args = serve_args(&data, "127.0.0.1:0");
     assert_refused(&args, "locked");
 }
 
@@ -126,15 +107,7 @@ fn reports_a_corrupt_database() {
     std::fs::write(db.join("conf"), b"this is not a sled configuration").unwrap();
     std::fs::write(db.join("db"), vec![0xA5; 4096]).unwrap();
     let data = dir.path().join("data");
-    let args = [
-        "serve",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--api-listen",
-        "127.0.0.1:0",
-    ];
+    let args = serve_args(data.to_str().unwrap(), "127.0.0.1:0");
     assert_refused(&args, "corrupt");
 }
 

@@ -177,8 +177,7 @@ fn describe(
     let mut reason_fields = Details::new(reason, "data.additional_data.reason");
     reason_fields.take("id", "reason_id", Expect::Integer, true);
     reason_fields.take("label", "reason_label", Expect::String, true);
-    details.append(&mut reason_fields.details);
-    found.append(&mut reason_fields.warnings);
+    reason_fields.merge_into(&mut details, &mut found);
 
     // The schema lists additional_text beside the reason; the example nests it in
     // additional_data. Either place is accepted.
@@ -189,8 +188,7 @@ fn describe(
     };
     let mut text = Details::new(text_source.0, text_source.1);
     text.take("additional_text", "additional_text", Expect::String, true);
-    details.append(&mut text.details);
-    found.append(&mut text.warnings);
+    text.merge_into(&mut details, &mut found);
 
     let mut meta = Details::new(envelope, "");
     meta.take("api_version", "api_version", Expect::String, false);
@@ -207,8 +205,7 @@ fn describe(
     } else {
         meta.take("attempts_total", "attempt_total", Expect::Integer, false);
     }
-    details.append(&mut meta.details);
-    found.append(&mut meta.warnings);
+    meta.merge_into(&mut details, &mut found);
 
     warnings.append(&mut found);
     details

@@ -67,6 +67,12 @@ impl<'a> Details<'a> {
         }
     }
 
+    /// Moves what was read into an event's details and warnings.
+    pub fn merge_into(mut self, details: &mut Map<String, Value>, warnings: &mut Vec<String>) {
+        details.append(&mut self.details);
+        warnings.append(&mut self.warnings);
+    }
+
     /// Reads `source[name]` into `details[as_name]`; `required` fields warn when missing.
     pub fn take(&mut self, name: &str, as_name: &str, expect: Expect, required: bool) {
         let full = if self.path.is_empty() {
