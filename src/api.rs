@@ -13,13 +13,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::auth::DEFAULT_ACTOR;
 use crate::error::HttpError;
-use crate::event::{ms_to_secs, Subject, MAX_ID_BYTES};
+use crate::event::{ms_to_secs, now_ms, Event, Kind, Source, Subject, MAX_ID_BYTES};
 use crate::server::AppState;
 use crate::store::record::{decode_status, reasons_json};
-use crate::store::{Status, StoreError, StoredEvent};
+use crate::store::{Record, Status, StoreError, StoredEvent};
 use crate::web::{
-    bytes_response, discard_body, json_response, path_segment, read_body, Request, Response,
+    bytes_response, discard_body, json_response, path_segment, query_param, read_body, Request,
+    Response,
 };
 
 /// Most entries one `POST /v1/check` may carry.
@@ -76,12 +78,22 @@ impl<'a> Endpoint<'a> {
         })
     }
 
-    /// The method the endpoint answers (`HEAD` is accepted wherever `GET` is).
-    fn method(&self) -> Method {
+    /// The methods the endpoint answers, as an `Allow` header (`HEAD` goes wherever `GET` does).
+    fn allow(&self) -> &'static str {
         match self {
-            Endpoint::Check => Method::POST,
-            _ => Method::GET,
+            Endpoint::Check => "POST",
+            Endpoint::Record(_) => "GET, PUT, DELETE",
+            _ => "GET",
         }
+    }
+
+    fn allows(&self, method: &Method) -> bool {
+        let name = if *method == Method::HEAD {
+            "GET"
+        } else {
+            method.as_str()
+        };
+        self.allow().split(", ").any(|allowed| allowed == name)
     }
 
     /// Health and metrics stay open so that probes and scrapers need no token.
@@ -94,30 +106,22 @@ impl<'a> Endpoint<'a> {
 async fn route(state: &AppState, request: Request) -> Result<Response, HttpError> {
     let path = request.uri().path().to_owned();
     let endpoint = Endpoint::parse(&path);
+    let mut actor = DEFAULT_ACTOR.to_owned();
     let refusal = match &endpoint {
         None => Some(HttpError::NotFound),
-        Some(endpoint) => {
-            let expected = endpoint.method();
-            let method_ok = *request.method() == expected
-                || (expected == Method::GET && request.method() == Method::HEAD);
-            if !method_ok {
-                Some(HttpError::MethodNotAllowed {
-                    allow: if expected == Method::GET {
-                        "GET"
-                    } else {
-                        "POST"
-                    },
-                })
-            } else {
-                match (&state.api_tokens, endpoint.needs_token()) {
-                    (Some(tokens), true) => tokens
-                        .authenticate(request.headers())
-                        .err()
-                        .map(HttpError::auth),
-                    _ => None,
+        Some(endpoint) if !endpoint.allows(request.method()) => Some(HttpError::MethodNotAllowed {
+            allow: endpoint.allow(),
+        }),
+        Some(endpoint) => match (&state.api_tokens, endpoint.needs_token()) {
+            (Some(tokens), true) => match tokens.authenticate(request.headers()) {
+                Ok(name) => {
+                    name.clone_into(&mut actor);
+                    None
                 }
-            }
-        }
+                Err(failure) => Some(HttpError::auth(failure)),
+            },
+            _ => None,
+        },
     };
     if let Some(error) = refusal {
         discard_body(request).await;
@@ -134,10 +138,104 @@ async fn route(state: &AppState, request: Request) -> Result<Response, HttpError
                 text,
             ))
         }
+        Some(Endpoint::Record(path)) if request.method() == Method::PUT => {
+            let subject = subject(state, &path)?;
+            let change = read_change(request).await?;
+            manual_change(state, subject, Kind::Suppress, change, actor).await?;
+            subject_record(state, &path)
+        }
+        Some(Endpoint::Record(path)) if request.method() == Method::DELETE => {
+            let subject = subject(state, &path)?;
+            let note = query_param(request.uri().query(), "note").map(|n| n.into_owned());
+            let mut change = read_change(request).await?;
+            change.note = change.note.or(note).filter(|n| !n.trim().is_empty());
+            lift(state, subject, change, actor).await?;
+            subject_record(state, &path)
+        }
         Some(Endpoint::Record(path)) => subject_record(state, &path),
         Some(Endpoint::History(path)) => subject_history(state, &path),
         Some(Endpoint::Check) => check(state, request).await,
     }
+}
+
+/// The optional body of PUT and DELETE.
+#[derive(Debug, Default, Deserialize)]
+struct Change {
+    reason: Option<String>,
+    note: Option<String>,
+}
+
+/// Bodies of manual changes are small; anything larger is a mistake.
+const MAX_CHANGE_BODY: usize = 64 * 1024;
+
+async fn read_change(request: Request) -> Result<Change, HttpError> {
+    let body = read_body(request, MAX_CHANGE_BODY).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Change::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        HttpError::bad_request(format!(
+            "body must be empty or {{\"reason\": \"…\", \"note\": \"…\"}}: {e}"
+        ))
+    })
+}
+
+/// Records an operator's change as an event at the current time, kept in the history with who
+/// made it.
+async fn manual_change(
+    state: &AppState,
+    subject: Subject,
+    kind: Kind,
+    change: Change,
+    actor: String,
+) -> Result<(), HttpError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    tracing::info!(source = "manual", kind = ?kind, actor, "manual change");
+    let mut details = serde_json::Map::new();
+    details.insert("actor".into(), json!(actor));
+    if let Some(reason) = change.reason {
+        details.insert("reason".into(), json!(reason));
+    }
+    if let Some(note) = change.note {
+        details.insert("note".into(), json!(note));
+    }
+    let event = Event {
+        subject,
+        source: Source::Manual,
+        kind,
+        idempotency_key: format!("manual:{id}"),
+        event_id: Some(id),
+        event_time_ms: now,
+        receive_time_ms: now,
+        details,
+    };
+    state.store.commit(vec![event]).await?;
+    Ok(())
+}
+
+/// Lifts a suppression. A person's own opt-out is not an operator's to overrule silently, so a
+/// lift over a provider unsubscribe needs a note with the evidence of renewed consent.
+async fn lift(
+    state: &AppState,
+    subject: Subject,
+    change: Change,
+    actor: String,
+) -> Result<(), HttpError> {
+    let Some(bytes) = state.store.record_bytes(&subject)? else {
+        return Ok(());
+    };
+    let record = Record::decode(&bytes).map_err(StoreError::from)?;
+    if !record.suppressed() {
+        return Ok(());
+    }
+    if record.lift_needs_note() && change.note.is_none() {
+        return Err(HttpError::bad_field(
+            "note",
+            "this suppression includes the person's own unsubscribe; lifting it needs a note with the evidence of renewed consent",
+        ));
+    }
+    manual_change(state, subject, Kind::Lift, change, actor).await
 }
 
 fn subject(state: &AppState, path: &SubjectPath<'_>) -> Result<Subject, HttpError> {

@@ -25,6 +25,8 @@ pub enum Source {
     Lox24,
     Tencent,
     Sendios,
+    /// An operator, through the API.
+    Manual,
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
             Source::Lox24 => "lox24",
             Source::Tencent => "tencent",
             Source::Sendios => "sendios",
+            Source::Manual => "manual",
         }
     }
 }
@@ -51,6 +54,10 @@ pub enum Kind {
     SmsClick,
     /// A reason (never an event): too many consecutive lost messages.
     Undeliverable,
+    /// An operator suppressed the subject.
+    Suppress,
+    /// An operator lifted the suppression (e.g. the person opted back in).
+    Lift,
 }
 
 /// One thing that happened to one subject.

@@ -40,6 +40,9 @@ pub struct Record {
     /// Consecutive `sms_lost` events, in arrival order, since the last `sms_click`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_streak: u32,
+    /// Event time of the latest lift: suppressing events older than this lose to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifted_at_ms: Option<i64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -81,16 +84,38 @@ impl Record {
     }
 
     /// Applies `event`, returning whether the record changed.
+    ///
+    /// Order is by event time, not arrival: a suppressing event older than the latest lift
+    /// loses to it (a late retry of an unsubscribe that the person has since revoked must not
+    /// re-suppress), and at equal times suppression wins.
     pub fn apply(&mut self, event: &Event, rules: &Rules) -> bool {
         match event.kind {
-            Kind::Unsubscribe => self.add_reason(event, Kind::Unsubscribe),
+            Kind::Unsubscribe | Kind::Suppress if self.lifted_after(event.event_time_ms) => false,
+            Kind::Unsubscribe | Kind::Suppress => self.add_reason(event, event.kind),
             Kind::SmsSent | Kind::Undeliverable => false,
+            Kind::Lift => {
+                let before = self.reasons.len();
+                self.reasons
+                    .retain(|r| r.event_time_ms >= event.event_time_ms);
+                let lifted_at = self
+                    .lifted_at_ms
+                    .map_or(event.event_time_ms, |t| t.max(event.event_time_ms));
+                let changed = before != self.reasons.len()
+                    || self.lost_streak != 0
+                    || self.lifted_at_ms != Some(lifted_at);
+                self.lost_streak = 0;
+                self.lifted_at_ms = Some(lifted_at);
+                if changed {
+                    self.changed_at_ms = event.receive_time_ms;
+                }
+                changed
+            }
             Kind::SmsLost => {
                 self.lost_streak = self.lost_streak.saturating_add(1);
                 let crossed = rules.lost_threshold > 0
                     && self.lost_streak >= rules.lost_threshold
                     && !self.reasons.iter().any(|r| r.kind == Kind::Undeliverable);
-                if crossed {
+                if crossed && !self.lifted_after(event.event_time_ms) {
                     self.add_reason(event, Kind::Undeliverable);
                 }
                 self.changed_at_ms = event.receive_time_ms;
@@ -109,6 +134,17 @@ impl Record {
                 changed
             }
         }
+    }
+
+    fn lifted_after(&self, event_time_ms: i64) -> bool {
+        self.lifted_at_ms
+            .is_some_and(|lifted| lifted > event_time_ms)
+    }
+
+    /// Whether lifting needs evidence of renewed consent: some reason in force came from the
+    /// person (a provider unsubscribe) rather than from an operator or from undeliverability.
+    pub fn lift_needs_note(&self) -> bool {
+        self.reasons.iter().any(|r| r.kind == Kind::Unsubscribe)
     }
 
     fn add_reason(&mut self, event: &Event, kind: Kind) -> bool {
@@ -279,6 +315,52 @@ mod tests {
         assert_eq!(record.reasons.len(), 1);
         assert_eq!(record.reasons[0].kind, Kind::Unsubscribe);
         assert_eq!(record.lost_streak, 0);
+    }
+
+    fn manual(kind: Kind, at_ms: i64) -> Event {
+        Event {
+            kind,
+            source: Source::Manual,
+            ..unsubscribe(&format!("m{at_ms}"), at_ms)
+        }
+    }
+
+    #[test]
+    fn ordering_is_by_event_time_and_suppression_wins_ties() {
+        let rules = Rules::default();
+        let mut record = Record::default();
+        record.apply(&unsubscribe("u1", 1_000), &rules);
+        assert!(record.lift_needs_note());
+        assert!(record.apply(&manual(Kind::Lift, 2_000), &rules));
+        assert!(!record.suppressed());
+        assert!(
+            !record.apply(&unsubscribe("late retry", 1_000), &rules),
+            "older than the lift"
+        );
+        assert!(!record.suppressed());
+        assert!(
+            record.apply(&unsubscribe("tie", 2_000), &rules),
+            "a tie goes to suppression"
+        );
+        assert!(!record.apply(&manual(Kind::Lift, 2_000), &rules));
+        assert!(
+            record.suppressed(),
+            "a lift at the same time does not remove it"
+        );
+        assert!(record.apply(&unsubscribe("new", 3_000), &rules));
+        assert_eq!(record.reasons.len(), 2);
+    }
+
+    #[test]
+    fn manual_and_undeliverable_reasons_lift_without_a_note() {
+        let rules = Rules { lost_threshold: 1 };
+        let mut record = Record::default();
+        record.apply(&manual(Kind::Suppress, 1_000), &rules);
+        record.apply(&sendios(Kind::SmsLost, 1_500), &rules);
+        assert!(record.suppressed() && !record.lift_needs_note());
+        assert!(record.apply(&manual(Kind::Lift, 2_000), &rules));
+        assert!(!record.suppressed());
+        assert_eq!(record.lost_streak, 0, "a lift resets the lost streak");
     }
 
     #[test]

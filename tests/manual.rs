@@ -1,0 +1,120 @@
+//! Manual changes through the API and the event-time ordering rule.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{lox24_event, Options, Server};
+use serde_json::json;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn unsubscribe_delete_late_retry_newer_unsubscribe() {
+    let server = Server::start(Options {
+        api_tokens: Some("alice:t0ken\n".into()),
+        ..Options::default()
+    });
+    let phone = "+4930555000";
+    let path = format!("/v1/phones/{phone}");
+    let first = lox24_event("aaaaaaaa-0000-4000-8000-000000000001", phone, now() - 3600);
+    assert_eq!(server.lox24(first.clone()).await.status, 200);
+    assert_eq!(server.get(&path).await.json()["suppressed"], true);
+
+    // The person's own opt-out needs evidence to be lifted.
+    let refused = server.api("DELETE", &path, "").await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json()["field"], "note");
+    assert_eq!(server.get(&path).await.json()["suppressed"], true);
+
+    let lifted = server
+        .api(
+            "DELETE",
+            &path,
+            json!({"note": "opted back in by SMS on 2026-11-20"}).to_string(),
+        )
+        .await;
+    assert_eq!(lifted.status, 200, "{}", lifted.text);
+    assert_eq!(lifted.json()["suppressed"], false);
+
+    // A late retry, and a different event that happened before the lift: not re-suppressed.
+    assert_eq!(server.lox24(first).await.json()["status"], "duplicate");
+    let older = lox24_event("aaaaaaaa-0000-4000-8000-000000000002", phone, now() - 1800);
+    assert_eq!(server.lox24(older).await.status, 200);
+    assert_eq!(server.get(&path).await.json()["suppressed"], false);
+
+    // A genuinely new unsubscribe after the lift suppresses again.
+    let newer = lox24_event("aaaaaaaa-0000-4000-8000-000000000003", phone, now() + 60);
+    assert_eq!(server.lox24(newer).await.status, 200);
+    assert_eq!(server.get(&path).await.json()["suppressed"], true);
+
+    let history = server.get(&format!("{path}/history")).await.json();
+    let events = history["events"].as_array().unwrap();
+    let summary: Vec<(&str, bool)> = events
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["applied"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("unsubscribe", true),
+            ("unsubscribe", false),
+            ("lift", true),
+            ("unsubscribe", true)
+        ],
+        "the late event is kept, marked as not applied"
+    );
+    let lift = events.iter().find(|e| e["kind"] == "lift").unwrap();
+    assert_eq!(lift["source"], "manual");
+    assert_eq!(lift["details"]["actor"], "alice");
+    assert_eq!(
+        lift["details"]["note"],
+        "opted back in by SMS on 2026-11-20"
+    );
+}
+
+#[tokio::test]
+async fn manual_suppressions_and_their_lifts() {
+    let server = Server::start(Options::default());
+    let path = "/v1/accounts/crm:eu/customer-17";
+    let put = server
+        .api("PUT", path, json!({"reason": "legal hold"}).to_string())
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text);
+    let record = put.json();
+    assert_eq!(record["suppressed"], true);
+    assert_eq!(record["scope"], "crm:eu");
+    assert_eq!(record["reasons"][0]["source"], "manual");
+    assert_eq!(record["reasons"][0]["kind"], "suppress");
+    assert_eq!(
+        record["reasons"][0]["details"],
+        json!({"actor": "api", "reason": "legal hold"})
+    );
+
+    // Only manual reasons: no note needed.
+    let deleted = server.api("DELETE", path, "").await;
+    assert_eq!(deleted.status, 200);
+    assert_eq!(deleted.json()["suppressed"], false);
+
+    // Lifting what is not suppressed changes nothing.
+    let again = server.api("DELETE", "/v1/phones/+4930555111", "").await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["suppressed"], false);
+    assert_eq!(
+        server.get("/v1/phones/+4930555111/history").await.json()["events"],
+        json!([])
+    );
+
+    let put_phone = server.api("PUT", "/v1/phones/0049%2030%20555111", "").await;
+    assert_eq!(put_phone.json()["phone"], "+4930555111");
+    assert_eq!(put_phone.json()["suppressed"], true);
+
+    let wrong = server.api("POST", path, "").await;
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.headers["allow"], "GET, PUT, DELETE");
+    assert_eq!(server.api("PUT", path, "{not json").await.status, 400);
+}
