@@ -118,3 +118,106 @@ async fn manual_suppressions_and_their_lifts() {
     assert_eq!(wrong.headers["allow"], "GET, PUT, DELETE");
     assert_eq!(server.api("PUT", path, "{not json").await.status, 400);
 }
+
+#[tokio::test]
+async fn suppressions_are_listed_in_stable_pages() {
+    let server = Server::start(Options {
+        sendios: true,
+        ..Options::default()
+    });
+    for i in 0..25 {
+        let id = format!("bbbbbbbb-0000-4000-8000-{i:012}");
+        assert_eq!(
+            server
+                .lox24(lox24_event(&id, &format!("+49306660{i:03}"), 1_700_000_000))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        server.api("PUT", "/v1/accounts/crm:eu/c1", "").await.status,
+        200
+    );
+    assert_eq!(
+        server.api("PUT", "/v1/accounts/crm:eu/c2", "").await.status,
+        200
+    );
+    assert_eq!(
+        server
+            .api("DELETE", "/v1/accounts/crm:eu/c2", "")
+            .await
+            .status,
+        200
+    );
+    let sent =
+        json!({"event": "sms_sent", "client_user_id": "quiet", "project_id": 3, "sms_id": 1});
+    assert_eq!(server.sendios(sent.to_string()).await.status, 200);
+
+    // Paging through phones, 10 at a time, visits each exactly once in a stable order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/suppressions?type=phone&suppressed=true&limit=10&cursor={c}"),
+            None => "/v1/suppressions?type=phone&suppressed=true&limit=10".to_owned(),
+        };
+        let page = server.get(&path).await.json();
+        for item in page["items"].as_array().unwrap() {
+            assert_eq!(item["suppressed"], true);
+            seen.push(item["phone"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seen.len(), 25);
+    assert_eq!(sorted, seen);
+
+    let accounts = server.get("/v1/suppressions?type=account").await.json();
+    let names: Vec<&str> = accounts["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["account"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["c1", "c2"],
+        "without suppressed=, every record (the sms_sent-only account has no record change)"
+    );
+    let lifted = server.get("/v1/suppressions?suppressed=false").await.json();
+    assert_eq!(lifted["items"].as_array().unwrap().len(), 1);
+    assert_eq!(lifted["items"][0]["account"], "c2");
+    assert_eq!(lifted["next_cursor"], json!(null));
+    let future = server
+        .get(&format!("/v1/suppressions?since={}", now() + 3600))
+        .await
+        .json();
+    assert_eq!(future["items"], json!([]));
+    assert_eq!(
+        server.get("/v1/suppressions").await.json()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        27
+    );
+
+    for bad in [
+        "limit=10001",
+        "limit=0",
+        "type=email",
+        "suppressed=maybe",
+        "since=soon",
+        "cursor=zz",
+    ] {
+        let reply = server.get(&format!("/v1/suppressions?{bad}")).await;
+        assert_eq!(reply.status, 400, "{bad}");
+        assert!(reply.json()["field"].is_string(), "{bad}");
+    }
+    assert_eq!(server.get("/v1/suppressions?limit=10000").await.status, 200);
+}

@@ -75,6 +75,37 @@ pub enum StoreError {
     Closed,
 }
 
+/// Which kind of subject a listing covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectKind {
+    Phone,
+    Account,
+}
+
+impl SubjectKind {
+    fn tag(self) -> u8 {
+        match self {
+            SubjectKind::Phone => b'p',
+            SubjectKind::Account => b'a',
+        }
+    }
+}
+
+/// Which records `Store::list` returns.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    pub kind: Option<SubjectKind>,
+    pub suppressed: Option<bool>,
+    /// Only records whose last change was received at or after this time.
+    pub changed_since_ms: Option<i64>,
+}
+
+/// One page of a listing; `next_cursor` is the subject key the next page starts after.
+pub struct Page {
+    pub items: Vec<(Subject, Record)>,
+    pub next_cursor: Option<Vec<u8>>,
+}
+
 /// Tunables that come from the command line.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -215,6 +246,62 @@ impl Store {
             .collect()
     }
 
+    /// Records in key order after `cursor` that pass `filter`, at most `limit`, and the cursor
+    /// of the next page if there is one. Keys are stable, so pages are too.
+    pub fn list(
+        &self,
+        filter: &ListFilter,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let prefix: Vec<u8> = match filter.kind {
+            Some(kind) => vec![RECORD, kind.tag()],
+            None => vec![RECORD],
+        };
+        let start = match cursor {
+            Some(after) => std::ops::Bound::Excluded(tagged(RECORD, after, 0)),
+            None => std::ops::Bound::Included(prefix.clone()),
+        };
+        let mut items = Vec::new();
+        for entry in self.tree.range((start, std::ops::Bound::Unbounded)) {
+            let (key, value) = entry?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let record = Record::decode(&value)?;
+            let wanted = filter.suppressed.is_none_or(|s| s == record.suppressed())
+                && filter
+                    .changed_since_ms
+                    .is_none_or(|t| record.changed_at_ms >= t);
+            if !wanted {
+                continue;
+            }
+            if items.len() == limit {
+                let next = items
+                    .last()
+                    .map(|(key, _, _): &(Vec<u8>, Subject, Record)| key.clone());
+                return Ok(Page {
+                    items: items
+                        .into_iter()
+                        .map(|(_, subject, record)| (subject, record))
+                        .collect(),
+                    next_cursor: next,
+                });
+            }
+            let Some(subject) = subject_from_key(&key[1..]) else {
+                return Err(StoreError::CorruptRecord(record::CorruptRecord::key(&key)));
+            };
+            items.push((key[1..].to_vec(), subject, record));
+        }
+        Ok(Page {
+            items: items
+                .into_iter()
+                .map(|(_, subject, record)| (subject, record))
+                .collect(),
+            next_cursor: None,
+        })
+    }
+
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
@@ -332,6 +419,32 @@ fn history_prefix(subject_key: &[u8]) -> Vec<u8> {
     tagged(HISTORY, subject_key, 0)
 }
 
+/// The subject a subject key encodes; the inverse of [`subject_key`].
+pub fn subject_from_key(key: &[u8]) -> Option<Subject> {
+    match key.split_first()? {
+        (b'p', rest) => {
+            let (&len, phone) = rest.split_first()?;
+            (phone.len() == usize::from(len)).then_some(())?;
+            Some(Subject::Phone {
+                phone: String::from_utf8(phone.to_vec()).ok()?,
+            })
+        }
+        (b'a', rest) => {
+            let (scope, rest) = length_prefixed(rest)?;
+            let (account, rest) = length_prefixed(rest)?;
+            rest.is_empty()
+                .then_some(Subject::Account { scope, account })
+        }
+        _ => None,
+    }
+}
+
+fn length_prefixed(bytes: &[u8]) -> Option<(String, &[u8])> {
+    let len = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
+    let part = bytes.get(2..2 + len)?;
+    Some((String::from_utf8(part.to_vec()).ok()?, &bytes[2 + len..]))
+}
+
 /// History keys sort by event time within a subject; `sequence` keeps events of the same
 /// millisecond in arrival order.
 fn history_key(subject_key: &[u8], event_time_ms: i64, sequence: u64) -> Vec<u8> {
@@ -355,6 +468,22 @@ mod tests {
             phone: "+4912345678".into(),
         });
         assert!(!long.starts_with(&short));
+    }
+
+    #[test]
+    fn subject_keys_decode_back() {
+        for subject in [
+            Subject::Phone {
+                phone: "+4930123456".into(),
+            },
+            Subject::Account {
+                scope: "tencent:@TOA#x".into(),
+                account: "jared".into(),
+            },
+        ] {
+            assert_eq!(subject_from_key(&subject_key(&subject)), Some(subject));
+        }
+        assert_eq!(subject_from_key(b"p\x05+49"), None);
     }
 
     #[test]

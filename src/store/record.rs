@@ -73,6 +73,12 @@ pub struct Status {
 #[error("stored record is unreadable ({0}); restore the data directory from a backup or export")]
 pub struct CorruptRecord(String);
 
+impl CorruptRecord {
+    pub fn key(key: &[u8]) -> Self {
+        CorruptRecord(format!("record key {key:02x?} does not name a subject"))
+    }
+}
+
 impl Record {
     pub fn suppressed(&self) -> bool {
         !self.reasons.is_empty()
