@@ -5,8 +5,11 @@
 //! `--api-token-file` is configured.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -29,7 +32,7 @@ pub const MAX_CHECK_ENTRIES: usize = 10_000;
 /// A check request of 10,000 long entries stays well below this.
 const MAX_CHECK_BODY: usize = 4 * 1024 * 1024;
 
-pub async fn handle(state: &AppState, request: Request) -> Response {
+pub async fn handle(state: &Arc<AppState>, request: Request) -> Response {
     let started = Instant::now();
     let response = match route(state, request).await {
         Ok(response) => response,
@@ -105,7 +108,7 @@ impl<'a> Endpoint<'a> {
 }
 
 /// Checks in the same order as the webhooks: 404 → 405 → 401/403, then the endpoint.
-async fn route(state: &AppState, request: Request) -> Result<Response, HttpError> {
+async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, HttpError> {
     let path = request.uri().path().to_owned();
     let endpoint = Endpoint::parse(&path);
     let mut actor = DEFAULT_ACTOR.to_owned();
@@ -156,7 +159,10 @@ async fn route(state: &AppState, request: Request) -> Result<Response, HttpError
         }
         Some(Endpoint::Record(path)) => subject_record(state, &path),
         Some(Endpoint::History(path)) => subject_history(state, &path),
-        Some(Endpoint::Check) => check(state, request).await,
+        Some(Endpoint::Check) => match StreamFormat::of(&request) {
+            Some(format) => Ok(check_stream(state.clone(), request, format)),
+            None => check(state, request).await,
+        },
         Some(Endpoint::Suppressions) => list(state, request.uri().query()),
     }
 }
@@ -594,4 +600,186 @@ async fn check(state: &AppState, request: Request) -> Result<Response, HttpError
     }
     state.metrics.lookups(true, results.len() as u64);
     Ok(json_response(StatusCode::OK, &CheckResponse { results }))
+}
+
+/// The line formats a streamed bulk check accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamFormat {
+    /// One phone number per line.
+    Text,
+    /// One JSON value per line: a phone string, `{"phone": …}` or `{"scope": …, "account": …}`.
+    Ndjson,
+}
+
+impl StreamFormat {
+    fn of(request: &Request) -> Option<Self> {
+        let content_type = request
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)?
+            .to_str()
+            .ok()?;
+        let essence = content_type.split(';').next()?.trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "text/plain" | "text/csv" => Some(StreamFormat::Text),
+            "application/x-ndjson" | "application/ndjson" => Some(StreamFormat::Ndjson),
+            _ => None,
+        }
+    }
+}
+
+/// A line longer than this is answered with an error instead of being buffered further.
+const MAX_LINE: usize = 64 * 1024;
+/// Output is sent in chunks of about this size; with the bounded channel, memory stays
+/// constant however long the list is.
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// `POST /v1/check` with a text or NDJSON body: results stream back as NDJSON, one line per
+/// input line (blank lines skipped), in input order, while the input is still arriving.
+fn check_stream(state: Arc<AppState>, request: Request, format: StreamFormat) -> Response {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
+    tokio::spawn(async move {
+        let mut body = request.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut output: Vec<u8> = Vec::with_capacity(OUTPUT_CHUNK + 1024);
+        let mut checked = 0u64;
+        let mut overlong = false;
+        loop {
+            let chunk = match body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+                Some(Err(_)) => return,
+                None => break,
+            };
+            let mut rest: &[u8] = &chunk;
+            while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+                if overlong {
+                    overlong = false;
+                } else {
+                    pending.extend_from_slice(&rest[..newline]);
+                    checked += check_line(&state, &pending, format, &mut output);
+                }
+                pending.clear();
+                rest = &rest[newline + 1..];
+                if output.len() >= OUTPUT_CHUNK
+                    && sender
+                        .send(Bytes::from(std::mem::take(&mut output)))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            if !overlong {
+                pending.extend_from_slice(rest);
+                if pending.len() > MAX_LINE {
+                    write_line(
+                        &mut output,
+                        &json!({"input": null, "error": format!("line longer than {MAX_LINE} bytes")}),
+                    );
+                    pending.clear();
+                    overlong = true;
+                }
+            }
+        }
+        if !overlong {
+            checked += check_line(&state, &pending, format, &mut output);
+        }
+        state.metrics.lookups(true, checked);
+        if !output.is_empty() {
+            let _ = sender.send(Bytes::from(output)).await;
+        }
+    });
+    let mut response = hyper::Response::new(ChannelBody(receiver).boxed());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// Checks one input line, appending its result line; returns how many subjects were checked.
+fn check_line(state: &AppState, line: &[u8], format: StreamFormat, output: &mut Vec<u8>) -> u64 {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    if text.is_empty() {
+        return 0;
+    }
+    let result = match format {
+        StreamFormat::Text => check_phone_value(state, json!(text), text),
+        StreamFormat::Ndjson => match serde_json::from_str::<Value>(text) {
+            Ok(Value::String(phone)) => check_phone_value(state, json!(phone), &phone),
+            Ok(Value::Object(object)) => match (
+                object.get("phone"),
+                object.get("scope"),
+                object.get("account"),
+            ) {
+                (Some(Value::String(phone)), _, _) => {
+                    let phone = phone.clone();
+                    check_phone_value(state, Value::Object(object), &phone)
+                }
+                (None, Some(Value::String(scope)), Some(Value::String(account)))
+                    if (1..=MAX_ID_BYTES).contains(&scope.len())
+                        && (1..=MAX_ID_BYTES).contains(&account.len()) =>
+                {
+                    let subject = Subject::Account {
+                        scope: scope.clone(),
+                        account: account.clone(),
+                    };
+                    match state.store.status(&subject) {
+                        Ok(status) => json!({
+                            "input": object, "scope": scope, "account": account,
+                            "suppressed": status.suppressed, "since": status.since_ms.map(ms_to_secs),
+                        }),
+                        Err(e) => json!({"input": object, "error": e.to_string()}),
+                    }
+                }
+                _ => {
+                    json!({"input": object, "error": "expected {\"phone\": …} or {\"scope\": …, \"account\": …}"})
+                }
+            },
+            Ok(other) => json!({"input": other, "error": "expected a phone string or an object"}),
+            Err(e) => json!({"input": text, "error": format!("line is not JSON: {e}")}),
+        },
+    };
+    write_line(output, &result);
+    1
+}
+
+fn check_phone_value(state: &AppState, input: Value, phone: &str) -> Value {
+    match state.phones.normalize_borrowed(phone) {
+        Ok(e164) => match state.store.phone_status(&e164) {
+            Ok(status) => json!({
+                "input": input, "phone": e164,
+                "suppressed": status.suppressed, "since": status.since_ms.map(ms_to_secs),
+            }),
+            Err(e) => json!({"input": input, "error": e.to_string()}),
+        },
+        Err(e) => json!({"input": input, "error": e.to_string()}),
+    }
+}
+
+fn write_line(output: &mut Vec<u8>, value: &Value) {
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *output, value);
+    output.push(b'\n');
+}
+
+/// A response body fed by a channel, for results produced while the request still streams in.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+    }
 }

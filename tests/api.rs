@@ -192,3 +192,79 @@ async fn health_and_metrics() {
             >= 1.0
     );
 }
+
+#[tokio::test]
+async fn streamed_bulk_check_of_a_million_lines_answers_every_line_in_order() {
+    let server = Server::start(Options::default());
+    assert_eq!(
+        server
+            .lox24(lox24_event(
+                "cccccccc-0000-4000-8000-000000000001",
+                "+4917000500000",
+                1_700_000_000
+            ))
+            .await
+            .status,
+        200
+    );
+    let mut input = String::with_capacity(16 * 1_000_000);
+    for i in 0..1_000_000 {
+        input.push_str(&format!("+4917000{i:06}\n"));
+    }
+    input.push_str("\nnot a number\r\n");
+    let reply = server
+        .api_with(
+            "POST",
+            "/v1/check",
+            &[("content-type", "text/plain")],
+            input,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["content-type"], "application/x-ndjson");
+    let lines: Vec<&str> = reply.text.lines().collect();
+    assert_eq!(lines.len(), 1_000_001, "one result per non-blank line");
+    for i in [0usize, 1, 499_999, 500_000, 999_999] {
+        let result: serde_json::Value = serde_json::from_str(lines[i]).unwrap();
+        assert_eq!(result["input"], format!("+4917000{i:06}"), "order");
+        assert_eq!(result["suppressed"], i == 500_000, "{i}");
+    }
+    let last: serde_json::Value = serde_json::from_str(lines[1_000_000]).unwrap();
+    assert_eq!(last["input"], "not a number");
+    assert!(last["error"].is_string());
+}
+
+#[tokio::test]
+async fn streamed_bulk_check_in_ndjson_takes_phones_and_accounts() {
+    let server = Server::start(Options::default());
+    assert_eq!(server.lox24(lox24_seed()).await.status, 200);
+    let input = "\"004911113333444\"\n{\"phone\": \"+4930999999\"}\n{\"scope\": \"crm\", \"account\": \"x\"}\n[1]\n{oops\n";
+    let reply = server
+        .api_with(
+            "POST",
+            "/v1/check",
+            &[("content-type", "application/x-ndjson")],
+            input,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let results: Vec<serde_json::Value> = reply
+        .text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 5);
+    assert_eq!(
+        results[0],
+        json!({"input": "004911113333444", "phone": "+4911113333444", "suppressed": true, "since": 1757849748})
+    );
+    assert_eq!(results[1]["input"], json!({"phone": "+4930999999"}));
+    assert_eq!(results[1]["suppressed"], false);
+    assert_eq!(
+        results[2],
+        json!({"input": {"scope": "crm", "account": "x"}, "scope": "crm", "account": "x", "suppressed": false, "since": null})
+    );
+    assert!(results[3]["error"].is_string());
+    assert_eq!(results[4]["input"], "{oops");
+    assert!(results[4]["error"].is_string());
+}
