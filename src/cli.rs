@@ -16,12 +16,63 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// File with API tokens, one per line, optionally `name:token`. For `serve`: when given,
+    /// every /v1/ request needs `Authorization: Bearer <token>`, and the token's name is recorded
+    /// as who made a change. For the client commands: the first token is sent.
+    #[arg(
+        long,
+        global = true,
+        env = "SUPPRESSD_API_TOKEN_FILE",
+        value_name = "PATH"
+    )]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Base URL of a running server's API, for the client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "SUPPRESSD_API_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub api: String,
+
+    /// Client commands print the API's JSON instead of a sentence.
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service: the HTTPS webhook listener and the local lookup API.
     Serve(ServeArgs),
+    /// Is this subject suppressed? Exits 0 when it is safe to send, 1 when suppressed, 2 or more
+    /// on error, so `suppressd check "$n" && send` reads right.
+    Check {
+        /// A phone number, or an account as SCOPE/ACCOUNT (split at the first `/`), e.g.
+        /// `tencent:@TOA#_test_OA_for_penn/jared`.
+        subject: String,
+    },
+    /// Suppress a subject by hand (source `manual`).
+    Add {
+        /// A phone number, or SCOPE/ACCOUNT.
+        subject: String,
+        /// Why, kept with the suppression.
+        #[arg(long)]
+        reason: Option<String>,
+        /// A free-form note, kept in the history.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Lift a suppression (e.g. the person opted back in).
+    Remove {
+        /// A phone number, or SCOPE/ACCOUNT.
+        subject: String,
+        /// Evidence of renewed consent; required when the person unsubscribed themselves.
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -69,12 +120,6 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:8080"
     )]
     pub api_listen: String,
-
-    /// File with API tokens, one per line, optionally `name:token`; when given, every /v1/
-    /// request needs `Authorization: Bearer <token>`, and the token's name is recorded as who made
-    /// a change.
-    #[arg(long, env = "SUPPRESSD_API_TOKEN_FILE", value_name = "PATH")]
-    pub api_token_file: Option<PathBuf>,
 
     /// File holding the shared secret LOX24 presents (Bearer, Basic password or ?token=).
     /// Enables POST /webhooks/lox24.

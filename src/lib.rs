@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod error;
 pub mod event;
 pub mod metrics;
@@ -26,6 +27,9 @@ use clap::Parser;
 pub fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
+        cli::Command::Check { .. } | cli::Command::Add { .. } | cli::Command::Remove { .. } => {
+            client::run(&cli)
+        }
         cli::Command::Serve(args) => {
             init_logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -38,7 +42,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve::serve(args)) {
+            match runtime.block_on(serve::serve(args, cli.api_token_file.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("suppressd: {e}");

@@ -42,15 +42,14 @@ impl From<String> for StartupError {
     }
 }
 
-pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
+pub async fn serve(
+    args: ServeArgs,
+    api_token_file: Option<&std::path::Path>,
+) -> Result<(), StartupError> {
     let phones = Normalizer::new(args.default_region.as_deref())?;
     let certs =
         CertSource::from_flags(args.tls_cert.clone(), args.tls_key.clone(), &args.data_dir)?;
-    let api_tokens = args
-        .api_token_file
-        .as_deref()
-        .map(ApiTokens::read)
-        .transpose()?;
+    let api_tokens = api_token_file.map(ApiTokens::read).transpose()?;
     let api_addrs = server::resolve(&args.api_listen, "--api-listen")?;
     if api_tokens.is_none() && !api_addrs.iter().all(is_loopback) {
         return Err(StartupError::Config(format!(

@@ -221,3 +221,85 @@ async fn suppressions_are_listed_in_stable_pages() {
     }
     assert_eq!(server.get("/v1/suppressions?limit=10000").await.status, 200);
 }
+
+/// Runs a client command against `server` and returns (exit code, stdout, stderr).
+fn cli(server: &Server, args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(common::binary())
+        .arg("--api")
+        .arg(format!("http://{}", server.api))
+        .args(args)
+        .env(
+            "SUPPRESSD_API_TOKEN_FILE",
+            server.dir.path().join("api.tokens"),
+        )
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_check_add_remove_with_exit_codes() {
+    let server = Server::start(Options {
+        api_tokens: Some("ops:cli-token\n".into()),
+        ..Options::default()
+    });
+    let (code, out, _) = cli(&server, &["check", "+49 30 777000"]);
+    assert_eq!((code, out.trim()), (0, "+4930777000: not suppressed"));
+
+    let (code, out, err) = cli(&server, &["add", "+4930777000", "--reason", "complaint"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("suppressed since"), "{out}");
+    let (code, out, _) = cli(&server, &["check", "+4930777000"]);
+    assert_eq!(code, 1, "suppressed: not safe to send");
+    assert!(out.contains("manual suppress"), "{out}");
+    let (code, out, _) = cli(&server, &["--json", "check", "+4930777000"]);
+    assert_eq!(code, 1);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(json["reasons"][0]["details"]["actor"], "ops");
+
+    assert_eq!(
+        server
+            .lox24(lox24_event(
+                "dddddddd-0000-4000-8000-000000000001",
+                "+4930777001",
+                now() - 10
+            ))
+            .await
+            .status,
+        200
+    );
+    let (code, _, err) = cli(&server, &["remove", "+4930777001"]);
+    assert_eq!(code, 2, "a person's opt-out needs a note");
+    assert!(err.contains("note"), "{err}");
+    let (code, out, _) = cli(
+        &server,
+        &[
+            "remove",
+            "+4930777001",
+            "--note",
+            "renewed consent by form 12",
+        ],
+    );
+    assert_eq!((code, out.trim()), (0, "+4930777001: not suppressed"));
+
+    let (code, out, _) = cli(&server, &["add", "crm:eu/customer/9"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("crm:eu/customer/9: suppressed"), "{out}");
+    assert_eq!(
+        server.get("/v1/accounts/crm:eu/customer%2F9").await.json()["suppressed"],
+        true
+    );
+
+    let (code, _, err) = cli(&server, &["check", "not a phone"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("400"), "{err}");
+    let unreachable = std::process::Command::new(common::binary())
+        .args(["--api", "http://127.0.0.1:1", "check", "+4930777000"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(2));
+}

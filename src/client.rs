@@ -1,0 +1,218 @@
+//! The client commands (`check`, `add`, `remove`): talk to a running server's local API over
+//! HTTP/1.1 and print a sentence, or the API's JSON with `--json`.
+//!
+//! Exit codes: `check` exits 0 when the subject is not suppressed (safe to send) and 1 when it
+//! is; every command exits 2 when the request could not be made or the API refused it.
+
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Method;
+use hyper_util::rt::TokioIo;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde_json::{json, Value};
+
+use crate::cli::{Cli, Command};
+
+/// Exit code for "the request could not be answered".
+const FAILED: u8 = 2;
+
+pub fn run(cli: &Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("suppressd: cannot start the async runtime: {e}");
+            return ExitCode::from(FAILED);
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("suppressd: {message}");
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
+async fn execute(cli: &Cli) -> Result<u8, String> {
+    let api = Api::new(cli)?;
+    let (method, subject, body) = match &cli.command {
+        Command::Check { subject } => (Method::GET, subject, None),
+        Command::Add {
+            subject,
+            reason,
+            note,
+        } => (
+            Method::PUT,
+            subject,
+            Some(json!({"reason": reason, "note": note})),
+        ),
+        Command::Remove { subject, note } => (Method::DELETE, subject, Some(json!({"note": note}))),
+        Command::Serve(_) => return Err("serve is not a client command".into()),
+    };
+    let record = api.call(method, &subject_path(subject), body).await?;
+    if cli.json {
+        println!("{record}");
+    } else {
+        println!("{}", describe(&record));
+    }
+    let suppressed = record["suppressed"].as_bool().unwrap_or(false);
+    Ok(match cli.command {
+        Command::Check { .. } => u8::from(suppressed),
+        _ => 0,
+    })
+}
+
+/// `/v1/phones/{phone}` or, for `SCOPE/ACCOUNT`, `/v1/accounts/{scope}/{account}`.
+fn subject_path(subject: &str) -> String {
+    let encode = |part: &str| utf8_percent_encode(part, NON_ALPHANUMERIC).to_string();
+    match subject.split_once('/') {
+        Some((scope, account)) => format!("/v1/accounts/{}/{}", encode(scope), encode(account)),
+        None => format!("/v1/phones/{}", encode(subject)),
+    }
+}
+
+/// One line for a person: the subject, its state and why.
+fn describe(record: &Value) -> String {
+    let subject = match (
+        record["phone"].as_str(),
+        record["scope"].as_str(),
+        record["account"].as_str(),
+    ) {
+        (Some(phone), _, _) => phone.to_owned(),
+        (None, Some(scope), Some(account)) => format!("{scope}/{account}"),
+        _ => "subject".to_owned(),
+    };
+    if record["suppressed"].as_bool() != Some(true) {
+        return format!("{subject}: not suppressed");
+    }
+    let reasons: Vec<String> = record["reasons"]
+        .as_array()
+        .map(|reasons| {
+            reasons
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {}",
+                        r["source"].as_str().unwrap_or("?"),
+                        r["kind"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "{subject}: suppressed since {} (Unix time) — {}",
+        record["since"],
+        reasons.join(", ")
+    )
+}
+
+struct Api {
+    authority: String,
+    prefix: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn new(cli: &Cli) -> Result<Api, String> {
+        let rest = cli.api.strip_prefix("http://").ok_or_else(|| {
+            format!(
+                "--api {:?} must be an http:// URL (the local API is plain HTTP)",
+                cli.api
+            )
+        })?;
+        let (authority, prefix) = match rest.find('/') {
+            Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let token = match &cli.api_token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --api-token-file {}: {e}", path.display()))?;
+                let line = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .ok_or_else(|| format!("--api-token-file {} holds no token", path.display()))?;
+                Some(
+                    line.split_once(':')
+                        .map_or(line, |(_, token)| token.trim())
+                        .to_owned(),
+                )
+            }
+        };
+        Ok(Api {
+            authority: authority.to_owned(),
+            prefix: prefix.to_owned(),
+            token,
+        })
+    }
+
+    /// Sends one request and returns the JSON answer of a 200, or the API's error as text.
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot reach the API at {}: {e} (is suppressd serve running? see --api)",
+                    self.authority
+                )
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("API connection failed: {e}"))?;
+        tokio::spawn(connection);
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.prefix))
+            .header(hyper::header::HOST, &self.authority);
+        if let Some(token) = &self.token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("cannot build the request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("API request failed: {e}"))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("API response failed: {e}"))?
+            .to_bytes();
+        let json: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)}));
+        if status.is_success() {
+            Ok(json)
+        } else {
+            Err(format!(
+                "the API answered {status}: {}",
+                json["error"].as_str().unwrap_or("no reason given")
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_map_to_api_paths() {
+        assert_eq!(subject_path("+4930123456"), "/v1/phones/%2B4930123456");
+        assert_eq!(
+            subject_path("tencent:@TOA#x/jared"),
+            "/v1/accounts/tencent%3A%40TOA%23x/jared"
+        );
+    }
+}
