@@ -23,8 +23,8 @@ use crate::server::AppState;
 use crate::store::record::{decode_status, reasons_json};
 use crate::store::{ListFilter, Reason, Record, Status, StoreError, StoredEvent, SubjectKind};
 use crate::web::{
-    bytes_response, discard_body, json_response, path_segment, query_param, read_body, Request,
-    Response,
+    bytes_response, discard_body, json_response, media_type, path_segment, query_param, read_body,
+    Line, LineReader, Request, Response,
 };
 
 /// Most entries one `POST /v1/check` may carry.
@@ -55,6 +55,8 @@ enum Endpoint<'a> {
     History(SubjectPath<'a>),
     Check,
     Suppressions,
+    Export,
+    Import,
 }
 
 /// A subject as it appears in a path, still percent-encoded.
@@ -79,6 +81,8 @@ impl<'a> Endpoint<'a> {
             }
             ["v1", "check"] => Endpoint::Check,
             ["v1", "suppressions"] => Endpoint::Suppressions,
+            ["v1", "export"] => Endpoint::Export,
+            ["v1", "import"] => Endpoint::Import,
             _ => return None,
         })
     }
@@ -86,7 +90,7 @@ impl<'a> Endpoint<'a> {
     /// The methods the endpoint answers, as an `Allow` header (`HEAD` goes wherever `GET` does).
     fn allow(&self) -> &'static str {
         match self {
-            Endpoint::Check => "POST",
+            Endpoint::Check | Endpoint::Import => "POST",
             Endpoint::Record(_) => "GET, PUT, DELETE",
             _ => "GET",
         }
@@ -164,6 +168,8 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
             None => check(state, request).await,
         },
         Some(Endpoint::Suppressions) => list(state, request.uri().query()),
+        Some(Endpoint::Export) => crate::transfer::export(state).await,
+        Some(Endpoint::Import) => crate::transfer::import(state, request).await,
     }
 }
 
@@ -613,13 +619,7 @@ enum StreamFormat {
 
 impl StreamFormat {
     fn of(request: &Request) -> Option<Self> {
-        let content_type = request
-            .headers()
-            .get(hyper::header::CONTENT_TYPE)?
-            .to_str()
-            .ok()?;
-        let essence = content_type.split(';').next()?.trim().to_ascii_lowercase();
-        match essence.as_str() {
+        match media_type(request)?.as_str() {
             "text/plain" | "text/csv" => Some(StreamFormat::Text),
             "application/x-ndjson" | "application/ndjson" => Some(StreamFormat::Ndjson),
             _ => None,
@@ -638,59 +638,37 @@ const OUTPUT_CHUNK: usize = 64 * 1024;
 fn check_stream(state: Arc<AppState>, request: Request, format: StreamFormat) -> Response {
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
-        let mut body = request.into_body();
-        let mut pending: Vec<u8> = Vec::new();
+        let mut lines = LineReader::new(request, MAX_LINE);
         let mut output: Vec<u8> = Vec::with_capacity(OUTPUT_CHUNK + 1024);
         let mut checked = 0u64;
-        let mut overlong = false;
-        loop {
-            let chunk = match body.frame().await {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => data,
-                    Err(_) => continue,
-                },
-                Some(Err(_)) => return,
-                None => break,
-            };
-            let mut rest: &[u8] = &chunk;
-            while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
-                if overlong {
-                    overlong = false;
-                } else {
-                    pending.extend_from_slice(&rest[..newline]);
-                    checked += check_line(&state, &pending, format, &mut output);
-                }
-                pending.clear();
-                rest = &rest[newline + 1..];
-                if output.len() >= OUTPUT_CHUNK
-                    && sender
-                        .send(Bytes::from(std::mem::take(&mut output)))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
+        while let Some(line) = lines.next_line().await {
+            match line {
+                Ok(Line::Text(line)) => checked += check_line(&state, &line, format, &mut output),
+                Ok(Line::TooLong) => write_line(
+                    &mut output,
+                    &json!({"input": null, "error": format!("line longer than {MAX_LINE} bytes")}),
+                ),
+                Err(_) => return,
             }
-            if !overlong {
-                pending.extend_from_slice(rest);
-                if pending.len() > MAX_LINE {
-                    write_line(
-                        &mut output,
-                        &json!({"input": null, "error": format!("line longer than {MAX_LINE} bytes")}),
-                    );
-                    pending.clear();
-                    overlong = true;
-                }
+            if output.len() >= OUTPUT_CHUNK
+                && sender
+                    .send(Bytes::from(std::mem::take(&mut output)))
+                    .await
+                    .is_err()
+            {
+                return;
             }
-        }
-        if !overlong {
-            checked += check_line(&state, &pending, format, &mut output);
         }
         state.metrics.lookups(true, checked);
         if !output.is_empty() {
             let _ = sender.send(Bytes::from(output)).await;
         }
     });
+    ndjson_response(receiver)
+}
+
+/// A streamed NDJSON response fed by `receiver`.
+pub fn ndjson_response(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
     let mut response = hyper::Response::new(ChannelBody(receiver).boxed());
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -701,7 +679,6 @@ fn check_stream(state: Arc<AppState>, request: Request, format: StreamFormat) ->
 
 /// Checks one input line, appending its result line; returns how many subjects were checked.
 fn check_line(state: &AppState, line: &[u8], format: StreamFormat, output: &mut Vec<u8>) -> u64 {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let text = String::from_utf8_lossy(line);
     let text = text.trim();
     if text.is_empty() {

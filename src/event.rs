@@ -27,6 +27,8 @@ pub enum Source {
     Sendios,
     /// An operator, through the API.
     Manual,
+    /// An existing opt-out list loaded with `POST /v1/import`.
+    Import,
 }
 
 impl Source {
@@ -36,6 +38,7 @@ impl Source {
             Source::Tencent => "tencent",
             Source::Sendios => "sendios",
             Source::Manual => "manual",
+            Source::Import => "import",
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod serve;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod transfer;
 pub mod web;
 pub mod webhooks;
 

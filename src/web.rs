@@ -95,6 +95,95 @@ pub async fn discard_body(request: Request) {
     }
 }
 
+/// Reads a streamed request body line by line (LF or CRLF), holding at most one line.
+pub struct LineReader {
+    body: Incoming,
+    buffer: Vec<u8>,
+    chunk: Bytes,
+    done: bool,
+    max_line: usize,
+}
+
+/// One line of a streamed body, or a line that was too long to hold (its bytes are skipped).
+pub enum Line {
+    Text(Vec<u8>),
+    TooLong,
+}
+
+impl LineReader {
+    pub fn new(request: Request, max_line: usize) -> Self {
+        LineReader {
+            body: request.into_body(),
+            buffer: Vec::new(),
+            chunk: Bytes::new(),
+            done: false,
+            max_line,
+        }
+    }
+
+    /// The next line; `Err` when the client's upload broke off.
+    pub async fn next_line(&mut self) -> Option<Result<Line, HttpError>> {
+        let mut too_long = false;
+        loop {
+            if let Some(newline) = self.chunk.iter().position(|&b| b == b'\n') {
+                let head = self.chunk.split_to(newline + 1);
+                if !too_long {
+                    self.buffer.extend_from_slice(&head[..newline]);
+                }
+                let line = std::mem::take(&mut self.buffer);
+                return Some(Ok(if too_long || line.len() > self.max_line {
+                    Line::TooLong
+                } else {
+                    Line::Text(strip_cr(line))
+                }));
+            }
+            if !too_long {
+                self.buffer.extend_from_slice(&self.chunk);
+                if self.buffer.len() > self.max_line {
+                    too_long = true;
+                    self.buffer.clear();
+                }
+            }
+            self.chunk = Bytes::new();
+            if self.done {
+                if too_long {
+                    return Some(Ok(Line::TooLong));
+                }
+                if self.buffer.is_empty() {
+                    return None;
+                }
+                return Some(Ok(Line::Text(strip_cr(std::mem::take(&mut self.buffer)))));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.chunk = data;
+                    }
+                }
+                Some(Err(e)) => {
+                    return Some(Err(HttpError::bad_request(format!(
+                        "cannot read the request body: {e}"
+                    ))))
+                }
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+fn strip_cr(mut line: Vec<u8>) -> Vec<u8> {
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    line
+}
+
+/// The lowercased media type of a request's `Content-Type`, without parameters.
+pub fn media_type(request: &Request) -> Option<String> {
+    let value = request.headers().get(CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next()?.trim().to_ascii_lowercase())
+}
+
 /// The percent-decoded value of the first `name=` parameter. A `+` stays a `+`: secrets and
 /// signatures are often base64, and providers rarely encode them.
 pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<Cow<'a, str>> {

@@ -47,7 +47,12 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 pub(super) type Reply = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
 
 pub(super) enum Job {
-    Commit { events: Vec<Event>, reply: Reply },
+    Commit {
+        events: Vec<Event>,
+        reply: Reply,
+    },
+    /// Answered with a sequence number once every event with a lower one is applied.
+    Barrier(oneshot::Sender<u64>),
     Stop,
 }
 
@@ -119,6 +124,7 @@ fn run_committer(
     metrics: &Metrics,
 ) {
     let mut batch: Vec<(Vec<Event>, Reply)> = Vec::new();
+    let mut barriers = Vec::new();
     let mut stopping = false;
     while !stopping {
         let Some(mut job) = jobs.blocking_recv() else {
@@ -127,6 +133,7 @@ fn run_committer(
         loop {
             match job {
                 Job::Commit { events, reply } => batch.push((events, reply)),
+                Job::Barrier(reply) => barriers.push(reply),
                 Job::Stop => stopping = true,
             }
             if stopping || batch.len() >= MAX_BATCH {
@@ -138,6 +145,11 @@ fn run_committer(
             }
         }
         let applied = applier.apply_requests(&mut batch, metrics);
+        for barrier in barriers.drain(..) {
+            if let Ok(sequence) = applier.db.generate_id() {
+                let _ = barrier.send(sequence);
+            }
+        }
         if syncer.send(applied).is_err() {
             tracing::error!("store syncer is gone; stopping the committer");
             break;

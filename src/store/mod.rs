@@ -75,6 +75,70 @@ pub enum StoreError {
     Closed,
 }
 
+/// An iterator over `(subject, events in arrival order)` of a consistent snapshot.
+pub struct Snapshot {
+    entries: sled::Iter,
+    high_water: u64,
+    /// The first entry of the next subject, read while finishing the previous one.
+    pending: Option<(Vec<u8>, u64, StoredEvent)>,
+}
+
+impl Iterator for Snapshot {
+    type Item = Result<(Subject, Vec<StoredEvent>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut subject_key: Option<Vec<u8>> = None;
+        let mut events: Vec<(u64, StoredEvent)> = Vec::new();
+        loop {
+            let entry = match self.pending.take() {
+                Some(entry) => Some(Ok(entry)),
+                None => self
+                    .entries
+                    .next()
+                    .map(|e| e.map_err(StoreError::from).and_then(split_history_entry)),
+            };
+            match entry {
+                Some(Err(e)) => return Some(Err(e)),
+                Some(Ok((key, sequence, event))) => {
+                    if subject_key.as_ref().is_some_and(|current| *current != key) {
+                        self.pending = Some((key, sequence, event));
+                        break;
+                    }
+                    subject_key.get_or_insert(key);
+                    if sequence < self.high_water {
+                        events.push((sequence, event));
+                    }
+                }
+                None => break,
+            }
+        }
+        let key = subject_key?;
+        let Some(subject) = subject_from_key(&key) else {
+            return Some(Err(StoreError::CorruptRecord(record::CorruptRecord::key(
+                &key,
+            ))));
+        };
+        events.sort_by_key(|(sequence, _)| *sequence);
+        Some(Ok((
+            subject,
+            events.into_iter().map(|(_, event)| event).collect(),
+        )))
+    }
+}
+
+/// A history entry's subject key, sequence number and event.
+fn split_history_entry(
+    (key, value): (sled::IVec, sled::IVec),
+) -> Result<(Vec<u8>, u64, StoredEvent), StoreError> {
+    let corrupt = || StoreError::CorruptRecord(record::CorruptRecord::key(&key));
+    let body = key
+        .get(1..key.len().checked_sub(16).ok_or_else(corrupt)?)
+        .ok_or_else(corrupt)?;
+    let sequence: [u8; 8] = key[key.len() - 8..].try_into().map_err(|_| corrupt())?;
+    let event = serde_json::from_slice(&value).map_err(StoreError::CorruptHistory)?;
+    Ok((body.to_vec(), u64::from_be_bytes(sequence), event))
+}
+
 /// Which kind of subject a listing covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectKind {
@@ -208,6 +272,23 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Every subject's history as it stood at one instant, subject by subject in key order.
+    /// Writes go on meanwhile: the committer names a sequence number below which everything is
+    /// applied, and events with later numbers are left out.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.committer
+            .send(committer::Job::Barrier(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let high_water = answer.await.map_err(|_| StoreError::Closed)?;
+        Ok(Snapshot {
+            entries: self.tree.scan_prefix([HISTORY]),
+            high_water,
+            pending: None,
+        })
     }
 
     /// A subject's stored record bytes (see [`record::reasons_json`]), `None` if never seen.

@@ -1,0 +1,194 @@
+//! Export and import of the whole list.
+//!
+//! Export writes one NDJSON line per subject: `{"subject": …, "events": [...]}` with every
+//! history event in arrival order (each with its idempotency key and whether it applied). A
+//! record is a deterministic function of its events replayed in arrival order, so the events are
+//! everything needed for an exact round trip, counters such as the Sendios lost streak included.
+//! The export is a consistent snapshot (see `Store::snapshot`) and streams in constant memory.
+//!
+//! Import takes that format back — events go through the committer as if they had just arrived,
+//! so an import into an empty store reproduces the export, and into a live store it merges under
+//! the same event-time rules, deduplicated by idempotency key — or a plain list of phone numbers
+//! (text or CSV, first column, header row and blank lines skipped), which become unsubscribes
+//! with source `import`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::api::ndjson_response;
+use crate::error::HttpError;
+use crate::event::{now_ms, Event, Kind, Source, Subject};
+use crate::server::AppState;
+use crate::store::{Outcome, StoredEvent};
+use crate::web::{media_type, Line, LineReader, Request, Response};
+
+/// Events committed together during an import; each commit is durable before the next.
+const IMPORT_BATCH: usize = 2_000;
+/// Line numbers of invalid lines reported, at most.
+const MAX_REPORTED_LINES: usize = 100;
+/// An export line of one subject can be long; an import line beyond this is invalid.
+const MAX_IMPORT_LINE: usize = 16 * 1024 * 1024;
+
+#[derive(serde::Serialize, Deserialize)]
+struct Exported {
+    subject: Subject,
+    events: Vec<StoredEvent>,
+}
+
+/// `GET /v1/export`
+pub async fn export(state: &Arc<AppState>) -> Result<Response, HttpError> {
+    let snapshot = state.store.snapshot().await?;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
+    tokio::task::spawn_blocking(move || {
+        let mut output = Vec::with_capacity(64 * 1024);
+        for entry in snapshot {
+            match entry {
+                Ok((subject, events)) => {
+                    let _ = serde_json::to_writer(&mut output, &Exported { subject, events });
+                    output.push(b'\n');
+                }
+                Err(e) => {
+                    // The stream ends early; the client sees a truncated body, never a silent gap.
+                    tracing::error!("export stopped: {e}");
+                    return;
+                }
+            }
+            if output.len() >= 64 * 1024
+                && sender
+                    .blocking_send(Bytes::from(std::mem::take(&mut output)))
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if !output.is_empty() {
+            let _ = sender.blocking_send(Bytes::from(output));
+        }
+    });
+    Ok(ndjson_response(receiver))
+}
+
+#[derive(Default, serde::Serialize)]
+struct Report {
+    added: u64,
+    already: u64,
+    invalid: u64,
+    invalid_lines: Vec<u64>,
+}
+
+impl Report {
+    fn invalid(&mut self, line: u64) {
+        self.invalid += 1;
+        if self.invalid_lines.len() < MAX_REPORTED_LINES {
+            self.invalid_lines.push(line);
+        }
+    }
+
+    fn count(&mut self, outcomes: &[Outcome]) {
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Duplicate => self.already += 1,
+                Outcome::Applied | Outcome::Recorded => self.added += 1,
+            }
+        }
+    }
+}
+
+/// `POST /v1/import`
+pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response, HttpError> {
+    let ndjson = match media_type(&request).as_deref() {
+        Some("application/x-ndjson" | "application/ndjson") => true,
+        Some("text/plain" | "text/csv") => false,
+        other => {
+            return Err(HttpError::bad_field(
+                "content-type",
+                format!("import takes application/x-ndjson (an export) or text/plain / text/csv (one number per line), not {other:?}"),
+            ))
+        }
+    };
+    let mut lines = LineReader::new(request, MAX_IMPORT_LINE);
+    let mut report = Report::default();
+    let mut batch: Vec<Event> = Vec::new();
+    let mut seen_numbers: HashSet<String> = HashSet::new();
+    let mut number = 0u64;
+    while let Some(line) = lines.next_line().await {
+        number += 1;
+        let line = match line? {
+            Line::Text(line) => line,
+            Line::TooLong => {
+                report.invalid(number);
+                continue;
+            }
+        };
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if ndjson {
+            match serde_json::from_str::<Exported>(text) {
+                Ok(exported) => {
+                    batch.extend(exported.events.into_iter().map(|stored| stored.event))
+                }
+                Err(_) => report.invalid(number),
+            }
+        } else {
+            let first = text
+                .split(',')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"');
+            match state.phones.normalize(first) {
+                Ok(phone) => {
+                    if !seen_numbers.insert(phone.clone()) {
+                        continue;
+                    }
+                    if state.store.phone_status(&phone)?.suppressed {
+                        report.already += 1;
+                        continue;
+                    }
+                    batch.push(imported_unsubscribe(phone));
+                }
+                // A first line that is not a number is a header row.
+                Err(_) if number == 1 => {}
+                Err(_) => report.invalid(number),
+            }
+        }
+        if batch.len() >= IMPORT_BATCH {
+            report.count(&state.store.commit(std::mem::take(&mut batch)).await?);
+        }
+    }
+    if !batch.is_empty() {
+        report.count(&state.store.commit(batch).await?);
+    }
+    tracing::info!(
+        added = report.added,
+        already = report.already,
+        invalid = report.invalid,
+        "import finished"
+    );
+    Ok(crate::web::json_response(
+        hyper::StatusCode::OK,
+        &json!(report),
+    ))
+}
+
+fn imported_unsubscribe(phone: String) -> Event {
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    Event {
+        subject: Subject::Phone { phone },
+        source: Source::Import,
+        kind: Kind::Unsubscribe,
+        idempotency_key: format!("import:{id}"),
+        event_id: Some(id),
+        event_time_ms: now,
+        receive_time_ms: now,
+        details: serde_json::Map::<String, Value>::new(),
+    }
+}

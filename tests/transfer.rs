@@ -1,0 +1,215 @@
+//! Export and import against the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{lox24_event, Options, Server};
+use serde_json::json;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn with_sendios() -> Options {
+    Options {
+        sendios: true,
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn export_then_import_into_an_empty_store_round_trips_exactly() {
+    let source = Server::start(with_sendios());
+    for i in 0..30 {
+        let id = format!("eeeeeeee-0000-4000-8000-{i:012}");
+        assert_eq!(
+            source
+                .lox24(lox24_event(
+                    &id,
+                    &format!("+49308880{i:03}"),
+                    now() - 100 + i
+                ))
+                .await
+                .status,
+            200
+        );
+    }
+    // A lift, then an older unsubscribe that loses to it (kept as not applied).
+    assert_eq!(
+        source
+            .api(
+                "DELETE",
+                "/v1/phones/+49308880000",
+                json!({"note": "consent form 7"}).to_string()
+            )
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        source
+            .lox24(lox24_event(
+                "eeeeeeee-0000-4000-8000-999999999999",
+                "+49308880000",
+                now() - 500
+            ))
+            .await
+            .status,
+        200
+    );
+    // A Sendios lost streak that has not reached the threshold yet: a counter to carry over.
+    let lost = |sms: i64| json!({"event": "sms_lost", "client_user_id": "u", "project_id": 9, "sms_id": sms, "ts": 1_700_000_000 + sms});
+    assert_eq!(
+        source
+            .sendios(json!([lost(1), lost(2)]).to_string())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        source
+            .api(
+                "PUT",
+                "/v1/accounts/crm:eu/c1",
+                json!({"reason": "hold"}).to_string()
+            )
+            .await
+            .status,
+        200
+    );
+
+    let export = source.get("/v1/export").await;
+    assert_eq!(export.status, 200);
+    assert_eq!(export.headers["content-type"], "application/x-ndjson");
+    assert_eq!(
+        export.text.lines().count(),
+        32,
+        "30 phones, one Sendios account, one manual account"
+    );
+
+    let target = Server::start(with_sendios());
+    let imported = target
+        .api_with(
+            "POST",
+            "/v1/import",
+            &[("content-type", "application/x-ndjson")],
+            export.text.clone(),
+        )
+        .await;
+    assert_eq!(imported.status, 200, "{}", imported.text);
+    assert_eq!(
+        imported.json(),
+        json!({"added": 35, "already": 0, "invalid": 0, "invalid_lines": []})
+    );
+
+    assert_eq!(
+        target.get("/v1/export").await.text,
+        export.text,
+        "export → import → export is the identity"
+    );
+    for path in [
+        "/v1/phones/+49308880000",
+        "/v1/phones/+49308880029",
+        "/v1/accounts/sendios:9/u",
+        "/v1/accounts/crm:eu/c1",
+    ] {
+        assert_eq!(
+            target.get(path).await.json(),
+            source.get(path).await.json(),
+            "{path}"
+        );
+        let history = format!("{path}/history");
+        assert_eq!(
+            target.get(&history).await.json(),
+            source.get(&history).await.json(),
+            "{history}"
+        );
+    }
+    // The lost streak came along: one more loss crosses the threshold of 3.
+    assert_eq!(
+        target.sendios(json!([lost(3)]).to_string()).await.status,
+        200
+    );
+    assert_eq!(
+        target.get("/v1/accounts/sendios:9/u").await.json()["suppressed"],
+        true
+    );
+
+    // Importing the same export again changes nothing.
+    let again = target
+        .api_with(
+            "POST",
+            "/v1/import",
+            &[("content-type", "application/x-ndjson")],
+            export.text,
+        )
+        .await;
+    assert_eq!(
+        again.json(),
+        json!({"added": 0, "already": 35, "invalid": 0, "invalid_lines": []})
+    );
+}
+
+#[tokio::test]
+async fn plain_lists_import_as_unsubscribes_with_source_import() {
+    let server = Server::start(Options::default());
+    assert_eq!(
+        server
+            .lox24(lox24_event(
+                "ffffffff-0000-4000-8000-000000000001",
+                "+4930999001",
+                now()
+            ))
+            .await
+            .status,
+        200
+    );
+    let csv = "phone,name\n+4930999001,already\n+4930999002,new\n\n0049 30 999003,\"spaced\"\nnot-a-number,x\n+4930999002,repeat\n";
+    let reply = server
+        .api_with("POST", "/v1/import", &[("content-type", "text/csv")], csv)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(
+        reply.json(),
+        json!({"added": 2, "already": 1, "invalid": 1, "invalid_lines": [6]})
+    );
+    let record = server.get("/v1/phones/+4930999003").await.json();
+    assert_eq!(record["suppressed"], true);
+    assert_eq!(record["reasons"][0]["source"], "import");
+    // An imported opt-out is the person's own: lifting it needs a note.
+    assert_eq!(
+        server
+            .api("DELETE", "/v1/phones/+4930999003", "")
+            .await
+            .status,
+        400
+    );
+
+    let text = server
+        .api_with(
+            "POST",
+            "/v1/import",
+            &[("content-type", "text/plain")],
+            "+4930999004\r\n+4930999002\r\n",
+        )
+        .await;
+    assert_eq!(
+        text.json(),
+        json!({"added": 1, "already": 1, "invalid": 0, "invalid_lines": []})
+    );
+    assert_eq!(
+        server
+            .api_with(
+                "POST",
+                "/v1/import",
+                &[("content-type", "application/json")],
+                "[]"
+            )
+            .await
+            .status,
+        400
+    );
+}
