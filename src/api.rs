@@ -24,7 +24,7 @@ use crate::store::record::{decode_status, reasons_json};
 use crate::store::{ListFilter, Reason, Record, Status, StoreError, StoredEvent, SubjectKind};
 use crate::web::{
     bytes_response, discard_body, json_response, media_type, path_segment, query_param, read_body,
-    Line, LineReader, Request, Response,
+    ChannelBody, Line, LineReader, Request, Response,
 };
 
 /// Most entries one `POST /v1/check` may carry.
@@ -742,21 +742,4 @@ fn write_line(output: &mut Vec<u8>, value: &Value) {
     // Writing JSON into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *output, value);
     output.push(b'\n');
-}
-
-/// A response body fed by a channel, for results produced while the request still streams in.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
-    }
 }

@@ -65,6 +65,14 @@ pub enum Command {
         #[arg(long)]
         note: Option<String>,
     },
+    /// Write every record and its history as NDJSON to standard output.
+    Export,
+    /// Load a file: an export (.ndjson / .jsonl) or a list of phone numbers (.csv, or one per
+    /// line).
+    Import {
+        /// The file to load.
+        file: PathBuf,
+    },
     /// Lift a suppression (e.g. the person opted back in).
     Remove {
         /// A phone number, or SCOPE/ACCOUNT.

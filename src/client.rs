@@ -1,5 +1,6 @@
-//! The client commands (`check`, `add`, `remove`): talk to a running server's local API over
-//! HTTP/1.1 and print a sentence, or the API's JSON with `--json`.
+//! The client commands (`check`, `add`, `remove`, `export`, `import`): talk to a running
+//! server's local API over HTTP/1.1 and print a sentence, or the API's JSON with `--json`.
+//! `export` and `import` stream, and show progress on stderr when it is a terminal.
 //!
 //! Exit codes: `check` exits 0 when the subject is not suppressed (safe to send) and 1 when it
 //! is; every command exits 2 when the request could not be made or the API refused it.
@@ -52,6 +53,8 @@ async fn execute(cli: &Cli) -> Result<u8, String> {
             Some(json!({"reason": reason, "note": note})),
         ),
         Command::Remove { subject, note } => (Method::DELETE, subject, Some(json!({"note": note}))),
+        Command::Export => return export(&api).await,
+        Command::Import { file } => return import(&api, file, cli.json).await,
         Command::Serve(_) => return Err("serve is not a client command".into()),
     };
     let record = api.call(method, &subject_path(subject), body).await?;
@@ -156,6 +159,21 @@ impl Api {
 
     /// Sends one request and returns the JSON answer of a 200, or the API's error as text.
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let body = Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default()))
+            .map_err(|never| match never {})
+            .boxed();
+        let response = self.send(method, path, None, body).await?;
+        read_json(response).await
+    }
+
+    /// Sends one request; a non-2xx answer becomes the API's error text.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&'static str>,
+        body: crate::web::Body,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
             .map_err(|e| {
@@ -175,32 +193,187 @@ impl Api {
         if let Some(token) = &self.token {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        if let Some(content_type) = content_type {
+            request = request.header(hyper::header::CONTENT_TYPE, content_type);
+        }
         let request = request
-            .body(Full::new(Bytes::from(body)))
+            .body(body)
             .map_err(|e| format!("cannot build the request: {e}"))?;
         let response = sender
             .send_request(request)
             .await
             .map_err(|e| format!("API request failed: {e}"))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("API response failed: {e}"))?
-            .to_bytes();
-        let json: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)}));
-        if status.is_success() {
-            Ok(json)
-        } else {
-            Err(format!(
-                "the API answered {status}: {}",
-                json["error"].as_str().unwrap_or("no reason given")
-            ))
+        let json = read_json(response).await.unwrap_or_default();
+        Err(format!(
+            "the API answered {status}: {}",
+            json["error"].as_str().unwrap_or("no reason given")
+        ))
+    }
+}
+
+async fn read_json(response: hyper::Response<hyper::body::Incoming>) -> Result<Value, String> {
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("API response failed: {e}"))?
+        .to_bytes();
+    Ok(serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&bytes)})))
+}
+
+/// Shows bytes moved on stderr, when stderr is a terminal, at most a few times a second.
+struct Progress {
+    enabled: bool,
+    verb: &'static str,
+    total: Option<u64>,
+    done: u64,
+    shown: std::time::Instant,
+}
+
+impl Progress {
+    fn new(verb: &'static str, total: Option<u64>) -> Self {
+        Progress {
+            enabled: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            verb,
+            total,
+            done: 0,
+            shown: std::time::Instant::now(),
         }
     }
+
+    fn advance(&mut self, bytes: usize) {
+        self.done += bytes as u64;
+        if self.enabled && self.shown.elapsed() >= std::time::Duration::from_millis(200) {
+            self.shown = std::time::Instant::now();
+            self.show();
+        }
+    }
+
+    fn show(&self) {
+        let mib = self.done as f64 / 1_048_576.0;
+        match self.total {
+            Some(total) if total > 0 => eprint!(
+                "\r{} {mib:.1} MiB ({:.0} %)",
+                self.verb,
+                self.done as f64 * 100.0 / total as f64
+            ),
+            _ => eprint!("\r{} {mib:.1} MiB", self.verb),
+        }
+    }
+
+    fn finish(&self) {
+        if self.enabled {
+            self.show();
+            eprintln!();
+        }
+    }
+}
+
+/// `suppressd export > file`: streams the API's export to standard output.
+async fn export(api: &Api) -> Result<u8, String> {
+    use std::io::Write;
+    let empty = Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed();
+    let response = api.send(Method::GET, "/v1/export", None, empty).await?;
+    let mut body = response.into_body();
+    let mut stdout = std::io::stdout().lock();
+    let mut progress = Progress::new("exported", None);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("export broke off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            stdout
+                .write_all(&data)
+                .map_err(|e| format!("cannot write the export: {e}"))?;
+            progress.advance(data.len());
+        }
+    }
+    stdout
+        .flush()
+        .map_err(|e| format!("cannot write the export: {e}"))?;
+    progress.finish();
+    Ok(0)
+}
+
+/// `suppressd import FILE`: uploads an export or a number list as it is read.
+async fn import(api: &Api, file: &std::path::Path, json_output: bool) -> Result<u8, String> {
+    use tokio::io::AsyncReadExt;
+    let content_type = match file
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("ndjson" | "jsonl") => "application/x-ndjson",
+        Some("csv") => "text/csv",
+        _ => "text/plain",
+    };
+    let mut reader = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let total = reader.metadata().await.ok().map(|m| m.len());
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let path = file.display().to_string();
+    let uploader = tokio::spawn(async move {
+        let mut progress = Progress::new("sent", total);
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            let n = match reader.read(&mut buffer).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => return Err(format!("cannot read {path}: {e}")),
+            };
+            progress.advance(n);
+            if sender
+                .send(Bytes::copy_from_slice(&buffer[..n]))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        progress.finish();
+        Ok(())
+    });
+    let response = api
+        .send(
+            Method::POST,
+            "/v1/import",
+            Some(content_type),
+            crate::web::ChannelBody(receiver).boxed(),
+        )
+        .await;
+    uploader
+        .await
+        .map_err(|e| format!("upload failed: {e}"))??;
+    let report = read_json(response?).await?;
+    if json_output {
+        println!("{report}");
+    } else {
+        println!(
+            "added {}, already suppressed {}, invalid {}{}",
+            report["added"],
+            report["already"],
+            report["invalid"],
+            match report["invalid_lines"].as_array() {
+                Some(lines) if !lines.is_empty() => format!(
+                    " (lines {})",
+                    lines
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(0)
 }
 
 #[cfg(test)]

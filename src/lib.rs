@@ -28,9 +28,6 @@ use clap::Parser;
 pub fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
-        cli::Command::Check { .. } | cli::Command::Add { .. } | cli::Command::Remove { .. } => {
-            client::run(&cli)
-        }
         cli::Command::Serve(args) => {
             init_logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -51,6 +48,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        _ => client::run(&cli),
     }
 }
 

@@ -201,6 +201,24 @@ pub fn path_segment(segment: &str) -> Result<Cow<'_, str>, HttpError> {
     })
 }
 
+/// A body fed by a channel: results produced while a request still streams in, or an upload
+/// read from a file as it is sent.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

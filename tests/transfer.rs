@@ -213,3 +213,65 @@ async fn plain_lists_import_as_unsubscribes_with_source_import() {
         400
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_export_and_import() {
+    let source = Server::start(Options::default());
+    for i in 0..5 {
+        let id = format!("abababab-0000-4000-8000-{i:012}");
+        assert_eq!(
+            source
+                .lox24(lox24_event(&id, &format!("+49307770{i:03}"), now()))
+                .await
+                .status,
+            200
+        );
+    }
+    let run = |server: &Server, args: &[&str]| {
+        std::process::Command::new(common::binary())
+            .arg("--api")
+            .arg(format!("http://{}", server.api))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let exported = run(&source, &["export"]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    assert_eq!(
+        exported.stdout,
+        source.get("/v1/export").await.text.into_bytes()
+    );
+
+    let file = source.dir.path().join("backup.ndjson");
+    std::fs::write(&file, &exported.stdout).unwrap();
+    let target = Server::start(Options::default());
+    let imported = run(&target, &["import", file.to_str().unwrap()]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&imported.stdout).trim(),
+        "added 5, already suppressed 0, invalid 0"
+    );
+    assert_eq!(
+        target.get("/v1/export").await.text.into_bytes(),
+        exported.stdout
+    );
+
+    let list = source.dir.path().join("optouts.csv");
+    std::fs::write(&list, "number\n+49307770000\n+49307770999\nnope\n").unwrap();
+    let imported = run(&target, &["--json", "import", list.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_slice(&imported.stdout).unwrap();
+    assert_eq!(
+        report,
+        json!({"added": 1, "already": 1, "invalid": 1, "invalid_lines": [4]})
+    );
+    let missing = run(&target, &["import", "/nonexistent.csv"]);
+    assert_eq!(missing.status.code(), Some(2));
+}
