@@ -140,7 +140,10 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         None => Err(HttpError::NotFound),
         Some(Endpoint::Health) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         Some(Endpoint::Metrics) => {
-            let text = state.metrics.render(state.store.size_on_disk().ok());
+            let text = state.metrics.render(
+                state.store.size_on_disk().ok(),
+                state.store.suppressed_counts(),
+            );
             Ok(bytes_response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

@@ -135,8 +135,14 @@ impl Metrics {
         self.write_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, size_on_disk: Option<u64>) -> String {
+    /// `suppressed` is (phones, accounts) suppressed now.
+    pub fn render(&self, size_on_disk: Option<u64>, suppressed: (u64, u64)) -> String {
         let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP suppressd_suppressed_subjects Subjects suppressed now, by type.\n# TYPE suppressd_suppressed_subjects gauge\nsuppressd_suppressed_subjects{{type=\"phone\"}} {}\nsuppressd_suppressed_subjects{{type=\"account\"}} {}",
+            suppressed.0, suppressed.1
+        );
         render_counter_map(
             &mut out,
             "suppressd_webhook_requests_total",

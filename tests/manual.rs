@@ -121,7 +121,7 @@ async fn manual_suppressions_and_their_lifts() {
 
 #[tokio::test]
 async fn suppressions_are_listed_in_stable_pages() {
-    let server = Server::start(Options {
+    let mut server = Server::start(Options {
         sendios: true,
         ..Options::default()
     });
@@ -153,6 +153,19 @@ async fn suppressions_are_listed_in_stable_pages() {
     let sent =
         json!({"event": "sms_sent", "client_user_id": "quiet", "project_id": 3, "sms_id": 1});
     assert_eq!(server.sendios(sent.to_string()).await.status, 200);
+
+    assert_eq!(
+        server
+            .metric("suppressd_suppressed_subjects{type=\"phone\"}")
+            .await,
+        25.0
+    );
+    assert_eq!(
+        server
+            .metric("suppressd_suppressed_subjects{type=\"account\"}")
+            .await,
+        1.0
+    );
 
     // Paging through phones, 10 at a time, visits each exactly once in a stable order.
     let mut seen = Vec::new();
@@ -220,6 +233,22 @@ async fn suppressions_are_listed_in_stable_pages() {
         assert!(reply.json()["field"].is_string(), "{bad}");
     }
     assert_eq!(server.get("/v1/suppressions?limit=10000").await.status, 200);
+
+    // The counts are rebuilt from the database at start.
+    assert!(server.terminate().success());
+    server.restart();
+    assert_eq!(
+        server
+            .metric("suppressd_suppressed_subjects{type=\"phone\"}")
+            .await,
+        25.0
+    );
+    assert_eq!(
+        server
+            .metric("suppressd_suppressed_subjects{type=\"account\"}")
+            .await,
+        1.0
+    );
 }
 
 /// Runs a client command against `server` and returns (exit code, stdout, stderr).

@@ -71,6 +71,8 @@ pub(super) struct Applier {
     pub rules: Rules,
     /// Kept in step with every phone record written.
     pub phones: Arc<PhoneIndex>,
+    /// Kept in step with every account record written (phones are counted by the index).
+    pub suppressed_accounts: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// The sled side of durability: flushing the tree and fsyncing its log file.
@@ -199,6 +201,7 @@ impl Applier {
         if pending.writes.is_empty() {
             return Ok(());
         }
+        let account_delta = pending.suppressed_accounts;
         let mut batch = sled::Batch::default();
         let mut phones = Vec::new();
         for (key, value) in pending.writes {
@@ -211,6 +214,8 @@ impl Applier {
         for (number, value) in phones {
             self.phones.update(number, &value);
         }
+        self.suppressed_accounts
+            .fetch_add(account_delta, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -230,8 +235,13 @@ impl Applier {
                 Some(bytes) => Record::decode(&bytes)?,
                 None => Record::default(),
             };
+            let was_suppressed = record.suppressed();
             let applied = record.apply(event, &self.rules);
             if applied {
+                if matches!(event.subject, crate::event::Subject::Account { .. }) {
+                    mine.suppressed_accounts +=
+                        i64::from(record.suppressed()) - i64::from(was_suppressed);
+                }
                 mine.put(record_key, record.encode());
             }
             let history_key = history_key(&subject, event.event_time_ms, self.db.generate_id()?);
@@ -339,6 +349,8 @@ impl Syncer {
 #[derive(Default)]
 struct Pending {
     writes: HashMap<Vec<u8>, Vec<u8>>,
+    /// Change in the number of suppressed accounts once these writes apply.
+    suppressed_accounts: i64,
 }
 
 impl Pending {
@@ -361,5 +373,6 @@ impl Pending {
 
     fn absorb(&mut self, other: Pending) {
         self.writes.extend(other.writes);
+        self.suppressed_accounts += other.suppressed_accounts;
     }
 }

@@ -21,6 +21,7 @@ mod wal;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,6 +185,7 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     phones: Arc<index::PhoneIndex>,
+    suppressed_accounts: Arc<AtomicI64>,
     committer: mpsc::Sender<committer::Job>,
     committer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -215,11 +217,13 @@ impl Store {
             log_file: File::open(sled_dir.join("db")).map_err(open_error)?,
         };
         let phones = Arc::new(index::PhoneIndex::new());
+        let suppressed_accounts = Arc::new(AtomicI64::new(0));
         let applier = committer::Applier {
             db: db.clone(),
             tree: tree.clone(),
             rules: config.rules,
             phones: phones.clone(),
+            suppressed_accounts: suppressed_accounts.clone(),
         };
         let recovered = wal::Wal::open(&config.dir.join("wal")).map_err(open_error)?;
         let mut wal = recovered.wal;
@@ -247,8 +251,15 @@ impl Store {
                 phones.update(number, &value);
             }
         }
+        let mut accounts = 0;
+        for entry in tree.scan_prefix([RECORD, b'a']) {
+            let (_, value) = entry?;
+            accounts += i64::from(record::decode_status(&value)?.suppressed);
+        }
+        suppressed_accounts.store(accounts, Ordering::Relaxed);
         tracing::info!(
             suppressed_phones = phones.len(),
+            suppressed_accounts = accounts,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "phone index built"
         );
@@ -259,6 +270,7 @@ impl Store {
             db,
             tree,
             phones,
+            suppressed_accounts,
             committer: sender,
             committer_thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -381,6 +393,12 @@ impl Store {
                 .collect(),
             next_cursor: None,
         })
+    }
+
+    /// How many phones and accounts are suppressed now.
+    pub fn suppressed_counts(&self) -> (u64, u64) {
+        let accounts = self.suppressed_accounts.load(Ordering::Relaxed).max(0);
+        (self.phones.len() as u64, accounts.unsigned_abs())
     }
 
     /// Bytes the database occupies on disk.
