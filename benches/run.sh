@@ -5,7 +5,8 @@
 #   2. single lookups over HTTP/1.1 keep-alive, 64 connections;
 #   3. bulk POST /v1/check with 10,000 numbers per request;
 #   4. for reference, nginx answering a fixed JSON body to the same wrk script as phase 2, because figures
-#      on a shared 2-core VM drift from run to run and the ratio is what carries over.
+#      on a shared 2-core VM drift from run to run and the ratio is what carries over;
+#   5. importing IMPORT_LINES phone numbers (default 1,000,000) with `suppressd import`.
 # Prints wrk's figures and a summary. DURATION (seconds per phase, default 20) can be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +62,12 @@ nginx -c "$work/nginx.conf"
 sleep 0.5
 wrk -t2 -c64 -d"${DURATION}s" --latency -s benches/lookup.lua http://127.0.0.1:18099 | tee "$work/nginx"
 
+IMPORT_LINES=${IMPORT_LINES:-1000000}
+echo "== 5. import of ${IMPORT_LINES} phone numbers through suppressd import"
+awk -v n="$IMPORT_LINES" 'BEGIN { for (i = 1; i <= n; i++) printf "+4916%09d\n", i }' > "$work/numbers.txt"
+TIMEFORMAT=%R
+import_secs=$( { time ./target/release/suppressd --api "http://$api" import "$work/numbers.txt" >&2; } 2>&1 | tail -1 )
+
 rps() { awk '/Requests\/sec/ {print $2}' "$1"; }
 p99() { awk '$1 == "99%" {print $2}' "$1"; }
 flushes=$(curl -s "http://$api/metrics" | awk '/^suppressd_store_flush_duration_seconds_count/ {print $2}')
@@ -71,4 +78,5 @@ printf 'disk sync write:    %s us\n' "$sync_us"
 printf 'durable deliveries: %s/s (p99 %s); %s requests in %s flushes\n' "$(rps "$work/deliveries")" "$(p99 "$work/deliveries")" "$committed" "$flushes"
 printf 'single lookups:     %s/s (p99 %s)\n' "$(rps "$work/lookups")" "$(p99 "$work/lookups")"
 printf 'nginx fixed body:   %s/s (p99 %s)\n' "$(rps "$work/nginx")" "$(p99 "$work/nginx")"
+printf 'import:             %s numbers in %s s (%s/s)\n' "$IMPORT_LINES" "$import_secs" "$(awk -v n="$IMPORT_LINES" -v s="$import_secs" 'BEGIN { printf "%.0f", n / s }')"
 printf 'bulk check:         %s numbers/s (p99 %s per 10,000)\n' "$(awk -v r="$(rps "$work/bulk")" 'BEGIN {printf "%.0f", r * 10000}')" "$(p99 "$work/bulk")"
