@@ -119,6 +119,17 @@ async fn manual_suppressions_and_their_lifts() {
     assert_eq!(server.api("PUT", path, "{not json").await.status, 400);
 }
 
+/// The `suppressd_suppressed_subjects` gauges: (phones, accounts).
+async fn suppressed_counts(server: &Server) -> (f64, f64) {
+    let phones = server
+        .metric("suppressd_suppressed_subjects{type=\"phone\"}")
+        .await;
+    let accounts = server
+        .metric("suppressd_suppressed_subjects{type=\"account\"}")
+        .await;
+    (phones, accounts)
+}
+
 #[tokio::test]
 async fn suppressions_are_listed_in_stable_pages() {
     let mut server = Server::start(Options {
@@ -154,18 +165,7 @@ async fn suppressions_are_listed_in_stable_pages() {
         json!({"event": "sms_sent", "client_user_id": "quiet", "project_id": 3, "sms_id": 1});
     assert_eq!(server.sendios(sent.to_string()).await.status, 200);
 
-    assert_eq!(
-        server
-            .metric("suppressd_suppressed_subjects{type=\"phone\"}")
-            .await,
-        25.0
-    );
-    assert_eq!(
-        server
-            .metric("suppressd_suppressed_subjects{type=\"account\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(suppressed_counts(&server).await, (25.0, 1.0));
 
     // Paging through phones, 10 at a time, visits each exactly once in a stable order.
     let mut seen = Vec::new();
@@ -237,18 +237,7 @@ async fn suppressions_are_listed_in_stable_pages() {
     // The counts are rebuilt from the database at start.
     assert!(server.terminate().success());
     server.restart();
-    assert_eq!(
-        server
-            .metric("suppressd_suppressed_subjects{type=\"phone\"}")
-            .await,
-        25.0
-    );
-    assert_eq!(
-        server
-            .metric("suppressd_suppressed_subjects{type=\"account\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(suppressed_counts(&server).await, (25.0, 1.0));
 }
 
 /// Runs a client command against `server` and returns (exit code, stdout, stderr).
