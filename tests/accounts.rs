@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{seed_example, Options, Server, TENCENT_APP};
+use common::{now, seed_example, Options, Server, TENCENT_APP};
 use serde_json::{json, Value};
 
 const COMMAND: &str = "OfficialAccount.CallbackAfterDeleteSubscriber";
@@ -46,16 +46,16 @@ fn sendios_samples() -> Vec<Value> {
         .collect()
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+fn sign(token: &str, time: i64) -> String {
+    suppressd::auth::sha256_hex(format!("{token}{time}").as_bytes())
 }
 
-fn sign(token: &str, time: i64) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{token}{time}").as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+/// Delivers the Tencent sample, unsigned, and returns the HTTP status.
+async fn deliver_sample(server: &Server) -> u16 {
+    server
+        .webhook(&tencent_url(COMMAND, None), &[], tencent_sample())
+        .await
+        .status
 }
 
 fn tencent_url(command: &str, signature: Option<(&str, i64)>) -> String {
@@ -103,13 +103,7 @@ async fn tencent_sample_suppresses_each_subscriber_in_its_official_account_scope
     assert_eq!(other["suppressed"], false);
 
     // Redelivery adds no history entry.
-    assert_eq!(
-        server
-            .webhook(&tencent_url(COMMAND, None), &[], tencent_sample())
-            .await
-            .status,
-        200
-    );
+    assert_eq!(deliver_sample(&server).await, 200);
     let history = server
         .get(&format!("/v1/accounts/{SCOPE_PATH}/jared/history"))
         .await
@@ -462,13 +456,7 @@ async fn check_takes_accounts_after_phones() {
         tencent: Some(None),
         ..Options::default()
     }));
-    assert_eq!(
-        server
-            .webhook(&tencent_url(COMMAND, None), &[], tencent_sample())
-            .await
-            .status,
-        200
-    );
+    assert_eq!(deliver_sample(&server).await, 200);
     let body = json!({
         "phones": ["+4930123456"],
         "accounts": [

@@ -3,15 +3,8 @@
 
 mod common;
 
-use common::{lox24_event, Options, Server};
+use common::{lox24_event, now, Options, Server};
 use serde_json::json;
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 fn with_sendios() -> Options {
     Options {

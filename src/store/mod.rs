@@ -245,23 +245,21 @@ impl Store {
             );
         }
         let started = std::time::Instant::now();
-        for entry in tree.scan_prefix([RECORD, b'p']) {
-            let (key, value) = entry?;
-            if let Some(number) = phone_of_record_key(&key) {
-                phones.update(number, &value);
-            }
-        }
+        // One pass over every record rebuilds both in-memory views.
         let mut accounts = 0;
-        for entry in tree.scan_prefix([RECORD, b'a']) {
-            let (_, value) = entry?;
-            accounts += i64::from(record::decode_status(&value)?.suppressed);
+        for entry in tree.scan_prefix([RECORD]) {
+            let (key, value) = entry?;
+            match phone_of_record_key(&key) {
+                Some(number) => phones.update(number, &value),
+                None => accounts += i64::from(record::decode_status(&value)?.suppressed),
+            }
         }
         suppressed_accounts.store(accounts, Ordering::Relaxed);
         tracing::info!(
             suppressed_phones = phones.len(),
             suppressed_accounts = accounts,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "phone index built"
+            "in-memory views built"
         );
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
         let thread =

@@ -21,6 +21,14 @@ pub const SENDIOS_SECRET: &str = "sendios-test-secret";
 pub const TENCENT_APP: &str = "1400000000";
 pub const SEED_EXAMPLE_FILE: &str = "../shared/seeds/001_e6d44ce32de44f9e.txt";
 
+/// The current Unix time in seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 /// The example JSON of a seed page, cut out verbatim.
 pub fn seed_example(file: &str, starts: &str, ends_before: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
