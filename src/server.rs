@@ -12,12 +12,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ApiTokens;
 use crate::metrics::Metrics;
 use crate::phone::Normalizer;
 use crate::store::Store;
+use crate::tls::Tls;
 use crate::webhooks::WebhookConfig;
 use crate::{api, webhooks};
 
@@ -51,7 +51,7 @@ enum Side {
 
 pub async fn run(
     listeners: Listeners,
-    tls: TlsAcceptor,
+    tls: Arc<Tls>,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -91,7 +91,7 @@ pub async fn run(
         let (state, watcher) = (state.clone(), graceful.watcher());
         match side {
             Side::Webhook => {
-                let (tls, builder) = (tls.clone(), builder.clone());
+                let (tls, builder) = (tls.acceptor(), builder.clone());
                 tokio::spawn(async move {
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await

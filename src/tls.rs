@@ -1,14 +1,17 @@
 //! TLS for the public webhook listener: loading the operator's PEM files, or generating a
 //! self-signed certificate into the data directory on first start so the service runs out of the
-//! box. rustls is pinned to the `ring` provider explicitly: with two providers compiled in,
-//! `ServerConfig::builder()` would panic.
+//! box, and swapping it on SIGHUP without dropping a connection. rustls is pinned to the `ring`
+//! provider explicitly: with two providers compiled in, `ServerConfig::builder()` would panic.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 
 /// Where the certificate comes from.
 #[derive(Debug, Clone)]
@@ -35,8 +38,9 @@ impl CertSource {
         }
     }
 
-    /// Builds the rustls configuration, generating the self-signed pair if needed.
-    pub fn load(&self) -> Result<Arc<ServerConfig>, String> {
+    /// Reads the certificate chain and key (generating the self-signed pair if needed) and checks
+    /// that they belong together.
+    fn certified_key(&self, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
         let (cert_path, key_path) = match self {
             CertSource::Files { cert, key } => (cert.clone(), key.clone()),
             CertSource::SelfSigned { dir } => {
@@ -66,7 +70,7 @@ impl CertSource {
         }
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| format!("cannot read TLS private key {}: {e}", key_path.display()))?;
-        server_config(certs, key).map_err(|e| {
+        CertifiedKey::from_der(certs, key, provider).map_err(|e| {
             format!(
                 "TLS certificate {} and key {} do not form a usable pair: {e}",
                 cert_path.display(),
@@ -76,17 +80,71 @@ impl CertSource {
     }
 }
 
-fn server_config(
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+/// The webhook listener's TLS, with a certificate that can be swapped while connections stay
+/// open: `reload` reads the files again and replaces the served pair only when the new one loads
+/// completely, so a botched renewal keeps the old certificate in service. A reload starts a fresh
+/// configuration, session cache included, so no session set up under the old certificate is
+/// resumed: every new handshake after a reload presents the new certificate.
+pub struct Tls {
+    source: CertSource,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Current>,
+}
+
+struct Current {
+    acceptor: TlsAcceptor,
+    fingerprint: String,
+}
+
+impl Tls {
+    pub fn load(source: CertSource) -> Result<Tls, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let current = Current::new(&source, &provider)?;
+        Ok(Tls {
+            source,
+            provider,
+            current: RwLock::new(current),
+        })
+    }
+
+    /// The acceptor for the next connection.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.read().acceptor.clone()
+    }
+
+    /// Re-reads the certificate and key; on success returns the new leaf's fingerprint.
+    pub fn reload(&self) -> Result<String, String> {
+        let next = Current::new(&self.source, &self.provider)?;
+        let fingerprint = next.fingerprint.clone();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(fingerprint)
+    }
+
+    /// SHA-256 fingerprint of the certificate being served.
+    pub fn fingerprint(&self) -> String {
+        self.read().fingerprint.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Current {
+    fn new(source: &CertSource, provider: &Arc<CryptoProvider>) -> Result<Current, String> {
+        let key = source.certified_key(provider)?;
+        let fingerprint = key.cert.first().map(fingerprint).unwrap_or_default();
+        let mut config = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("cannot configure TLS: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Current {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            fingerprint,
+        })
+    }
 }
 
 fn generate_self_signed(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<(), String> {
