@@ -19,7 +19,8 @@ pub struct Cli {
 
     /// File with API tokens, one per line, optionally `name:token`. For `serve`: when given,
     /// every /v1/ request needs `Authorization: Bearer <token>`, and the token's name is recorded
-    /// as who made a change. For the client commands: the first token is sent.
+    /// as who made a change (defaults to the systemd credential `api-token`). For the client
+    /// commands: the first token is sent.
     #[arg(
         long,
         global = true,
@@ -73,6 +74,12 @@ pub enum Command {
         /// The file to load.
         file: PathBuf,
     },
+    /// Write the man pages and shell completions into DIR (used to build the Debian package).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Gets `man/*.1` and `completions/{suppressd.bash,_suppressd,suppressd.fish}`.
+        dir: PathBuf,
+    },
     /// Lift a suppression (e.g. the person opted back in).
     Remove {
         /// A phone number, or SCOPE/ACCOUNT.
@@ -111,8 +118,9 @@ pub struct ServeArgs {
     )]
     pub webhook_listen: String,
 
-    /// PEM certificate chain for the webhook listener. With neither --tls-cert nor --tls-key, a
-    /// self-signed certificate is generated into the data directory on first start and reused.
+    /// PEM certificate chain for the webhook listener, re-read with the key on SIGHUP. With
+    /// neither --tls-cert nor --tls-key, a self-signed certificate is generated into the data
+    /// directory on first start and reused.
     #[arg(long, env = "SUPPRESSD_TLS_CERT", value_name = "PATH")]
     pub tls_cert: Option<PathBuf>,
 
@@ -130,7 +138,7 @@ pub struct ServeArgs {
     pub api_listen: String,
 
     /// File holding the shared secret LOX24 presents (Bearer, Basic password or ?token=).
-    /// Enables POST /webhooks/lox24.
+    /// Enables POST /webhooks/lox24. Defaults to the systemd credential `lox24-secret`.
     #[arg(long, env = "SUPPRESSD_LOX24_SECRET_FILE", value_name = "PATH")]
     pub lox24_secret_file: Option<PathBuf>,
 
@@ -140,7 +148,7 @@ pub struct ServeArgs {
     pub tencent_sdkappid: Option<String>,
 
     /// File holding the Tencent webhook token; turns on checking of the Sign and RequestTime
-    /// URL parameters.
+    /// URL parameters. Defaults to the systemd credential `tencent-token`.
     #[arg(long, env = "SUPPRESSD_TENCENT_TOKEN_FILE", value_name = "PATH")]
     pub tencent_token_file: Option<PathBuf>,
 
@@ -150,7 +158,7 @@ pub struct ServeArgs {
     pub tencent_max_skew: u64,
 
     /// File holding the shared secret Sendios presents (Bearer, Basic password or ?token=).
-    /// Enables POST /webhooks/sendios.
+    /// Enables POST /webhooks/sendios. Defaults to the systemd credential `sendios-secret`.
     #[arg(long, env = "SUPPRESSD_SENDIOS_SECRET_FILE", value_name = "PATH")]
     pub sendios_secret_file: Option<PathBuf>,
 
@@ -182,6 +190,23 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "SUPPRESSD_LOG_FORMAT", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Man pages (one per subcommand) and bash, zsh and fish completions, generated from the same
+/// definitions as `--help` so they cannot drift from it.
+pub fn write_assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+
+    let man = dir.join("man");
+    std::fs::create_dir_all(&man)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "suppressd", &completions)?;
+    }
+    Ok(())
 }
 
 /// Seconds as `60` or `60s`.

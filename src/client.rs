@@ -55,7 +55,9 @@ async fn execute(cli: &Cli) -> Result<u8, String> {
         Command::Remove { subject, note } => (Method::DELETE, subject, Some(json!({"note": note}))),
         Command::Export => return export(&api).await,
         Command::Import { file } => return import(&api, file, cli.json).await,
-        Command::Serve(_) => return Err("serve is not a client command".into()),
+        Command::Serve(_) | Command::GenerateAssets { .. } => {
+            return Err("not a client command".into())
+        }
     };
     let record = api.call(method, &subject_path(subject), body).await?;
     if cli.json {

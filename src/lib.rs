@@ -15,6 +15,7 @@ pub mod providers;
 pub mod serve;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod transfer;
 pub mod web;
@@ -48,6 +49,13 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        cli::Command::GenerateAssets { dir } => match cli::write_assets(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("suppressd: cannot write to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        },
         _ => client::run(&cli),
     }
 }

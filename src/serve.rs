@@ -3,9 +3,8 @@
 //! what to fix.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{self, ApiTokens, Secret};
 use crate::cli::ServeArgs;
@@ -14,7 +13,8 @@ use crate::phone::Normalizer;
 use crate::providers::tencent::TencentConfig;
 use crate::server::{self, AppState, Listeners};
 use crate::store::{Rules, Store, StoreConfig, StoreError};
-use crate::tls::CertSource;
+use crate::systemd;
+use crate::tls::{CertSource, Tls};
 use crate::webhooks::WebhookConfig;
 
 /// A startup failure: the message is the one line the operator sees.
@@ -49,7 +49,8 @@ pub async fn serve(
     let phones = Normalizer::new(args.default_region.as_deref())?;
     let certs =
         CertSource::from_flags(args.tls_cert.clone(), args.tls_key.clone(), &args.data_dir)?;
-    let api_tokens = api_token_file.map(ApiTokens::read).transpose()?;
+    let api_token_file = or_credential(api_token_file.map(Path::to_path_buf), "api-token");
+    let api_tokens = api_token_file.as_deref().map(ApiTokens::read).transpose()?;
     let api_addrs = server::resolve(&args.api_listen, "--api-listen")?;
     if api_tokens.is_none() && !api_addrs.iter().all(is_loopback) {
         return Err(StartupError::Config(format!(
@@ -61,7 +62,7 @@ pub async fn serve(
     let tencent = match (&args.tencent_sdkappid, &args.tencent_token_file) {
         (Some(sdkappid), token_file) => Some(TencentConfig {
             sdkappid: sdkappid.trim().to_owned(),
-            token: token_file
+            token: or_credential(token_file.clone(), "tencent-token")
                 .as_deref()
                 .map(|path| auth::read_secret_file(path, "--tencent-token-file"))
                 .transpose()?,
@@ -75,9 +76,15 @@ pub async fn serve(
         (None, None) => None,
     };
     let webhooks = WebhookConfig {
-        lox24: read_secret(args.lox24_secret_file.as_deref(), "--lox24-secret-file")?,
+        lox24: read_secret(
+            or_credential(args.lox24_secret_file.clone(), "lox24-secret"),
+            "--lox24-secret-file",
+        )?,
         tencent,
-        sendios: read_secret(args.sendios_secret_file.as_deref(), "--sendios-secret-file")?,
+        sendios: read_secret(
+            or_credential(args.sendios_secret_file.clone(), "sendios-secret"),
+            "--sendios-secret-file",
+        )?,
     };
     if webhooks.lox24.is_none() && webhooks.tencent.is_none() && webhooks.sendios.is_none() {
         tracing::warn!(
@@ -102,7 +109,7 @@ pub async fn serve(
             .await
             .map_err(|e| StartupError::Config(format!("opening the database panicked: {e}")))??
     };
-    let tls = TlsAcceptor::from(certs.load()?);
+    let tls = Arc::new(Tls::load(certs)?);
 
     let listeners = Listeners {
         webhook: server::bind(webhook_addrs[0], "--webhook-listen").await?,
@@ -122,13 +129,55 @@ pub async fn serve(
         data_dir = %args.data_dir.display(),
         "suppressd ready"
     );
-    server::run(listeners, tls, state, shutdown_signal()).await;
+    systemd::ready();
+    tokio::spawn(reload_on_sighup(tls.clone()));
+    tokio::spawn(systemd::watchdog(state.clone()));
+    let shutdown = async {
+        shutdown_signal().await;
+        systemd::stopping();
+    };
+    server::run(listeners, tls, state, shutdown).await;
     Ok(())
 }
 
-fn read_secret(path: Option<&std::path::Path>, flag: &str) -> Result<Option<Secret>, String> {
-    path.map(|path| auth::read_secret_file(path, flag).map(|s| Secret::new(s.as_bytes())))
+fn read_secret(path: Option<PathBuf>, flag: &str) -> Result<Option<Secret>, String> {
+    path.map(|path| auth::read_secret_file(&path, flag).map(|s| Secret::new(s.as_bytes())))
         .transpose()
+}
+
+/// A secret file flag that was not given falls back to the systemd credential of that name
+/// (`LoadCredential=lox24-secret:/etc/suppressd/lox24-secret`), so a unit needs no flag for it.
+fn or_credential(flag: Option<PathBuf>, credential: &str) -> Option<PathBuf> {
+    flag.or_else(|| {
+        let path = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(credential);
+        path.is_file().then(|| {
+            tracing::info!("using systemd credential {}", path.display());
+            path
+        })
+    })
+}
+
+/// SIGHUP re-reads the webhook certificate and key (e.g. after a renewal). Connections stay
+/// open and new handshakes get the new pair; a pair that does not load keeps the old one.
+async fn reload_on_sighup(tls: Arc<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; certificate reloads need a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        systemd::reloading();
+        match tls.reload() {
+            Ok(fingerprint) => tracing::info!(
+                "SIGHUP: reloaded the TLS certificate (SHA-256 fingerprint {fingerprint})"
+            ),
+            Err(e) => tracing::error!(
+                "SIGHUP: keeping the previous TLS certificate (SHA-256 fingerprint {}): {e}",
+                tls.fingerprint()
+            ),
+        }
+        systemd::ready();
+    }
 }
 
 fn is_loopback(addr: &SocketAddr) -> bool {

@@ -284,6 +284,18 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Resolves once the committer has worked through everything queued before it: proof that
+    /// writes are still being processed, for the service manager's watchdog.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.committer
+            .send(committer::Job::Barrier(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?;
+        Ok(())
+    }
+
     /// Every subject's history as it stood at one instant, subject by subject in key order.
     /// Writes go on meanwhile: the committer names a sequence number below which everything is
     /// applied, and events with later numbers are left out.

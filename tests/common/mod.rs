@@ -71,6 +71,8 @@ pub struct Options {
     pub tencent: Option<Option<&'static str>>,
     pub sendios: bool,
     pub extra: Vec<String>,
+    /// Environment variables for the process (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -83,6 +85,7 @@ impl Default for Options {
             tencent: None,
             sendios: false,
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -94,6 +97,7 @@ pub struct Server {
     pub dir: Arc<tempfile::TempDir>,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     logs: Arc<Mutex<Vec<String>>>,
     tls: tokio_rustls::TlsConnector,
     pub api_token: Option<String>,
@@ -103,12 +107,11 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_suppressd")
 }
 
-/// A client TLS configuration that trusts only `cert_pem`.
+/// A client TLS configuration that trusts only the certificates in `cert_pem`.
 fn connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
+    for cert in pem_certs(cert_pem) {
+        roots.add(cert).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -117,6 +120,14 @@ fn connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// The DER certificates in a PEM text.
+pub fn pem_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(Result::unwrap)
+        .collect()
 }
 
 impl Server {
@@ -196,6 +207,7 @@ impl Server {
             dir,
             data_dir,
             args,
+            env: options.env.clone(),
             logs: Arc::new(Mutex::new(Vec::new())),
             tls: connector(""),
             api_token,
@@ -215,6 +227,7 @@ impl Server {
         let mut child = Command::new(binary())
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -320,6 +333,28 @@ impl Server {
             .unwrap_or_else(|e| panic!("{method} {path_and_query}: {e}"))
     }
 
+    /// From now on, webhook clients trust these certificates (PEM) instead.
+    pub fn trust(&mut self, cert_pems: &str) {
+        self.tls = connector(cert_pems);
+    }
+
+    /// Opens a TLS connection to the webhook listener.
+    pub async fn webhook_tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let tcp = TcpStream::connect(self.webhook)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        self.tls.connect(name, tcp).await.map_err(|e| e.to_string())
+    }
+
+    /// The leaf certificate a new handshake is served.
+    pub async fn served_certificate(&self) -> Vec<u8> {
+        let tls = self.webhook_tls().await.unwrap();
+        let certs = tls.get_ref().1.peer_certificates().unwrap();
+        certs[0].as_ref().to_vec()
+    }
+
     /// Like `webhook_method`, but a connection failure is an `Err` instead of a panic.
     pub async fn try_webhook(
         &self,
@@ -328,16 +363,7 @@ impl Server {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<Reply, String> {
-        let tcp = TcpStream::connect(self.webhook)
-            .await
-            .map_err(|e| e.to_string())?;
-        let name =
-            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
+        let tls = self.webhook_tls().await?;
         send(tls, method, path_and_query, headers, body).await
     }
 

@@ -1,0 +1,59 @@
+//! The service manager's side channel (`sd_notify`): `READY=1` once the store is open and both
+//! listeners serve, `RELOADING=1` … `READY=1` around a certificate reload, `STOPPING=1` when
+//! shutdown begins, and `WATCHDOG=1` pings for as long as the store's committer keeps answering.
+//! Everything here is a no-op when `NOTIFY_SOCKET` is unset, i.e. not started by systemd.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+use crate::server::AppState;
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify the service manager: {e}");
+    }
+}
+
+pub fn ready() {
+    send(&[NotifyState::Ready, NotifyState::Status("serving")]);
+}
+
+pub fn reloading() {
+    send(&[
+        NotifyState::Reloading,
+        NotifyState::Status("reloading the TLS certificate"),
+    ]);
+}
+
+pub fn stopping() {
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status("finishing in-flight requests"),
+    ]);
+}
+
+/// Pings the watchdog at half its interval, but only while a barrier sent through the committer
+/// comes back in time: a wedged committer means acknowledged-nothing, and systemd should restart
+/// the service rather than let providers time out forever. Returns at once without a watchdog.
+pub async fn watchdog(state: Arc<AppState>) {
+    let Some(timeout) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let period = timeout / 2;
+    tracing::info!("systemd watchdog enabled: pinging every {period:?}");
+    let mut ticks = tokio::time::interval(period.max(Duration::from_millis(10)));
+    loop {
+        ticks.tick().await;
+        match tokio::time::timeout(period, state.store.ping()).await {
+            Ok(Ok(())) => send(&[NotifyState::Watchdog]),
+            Ok(Err(e)) => {
+                tracing::error!("store is not answering ({e}); withholding the watchdog ping")
+            }
+            Err(_) => tracing::error!(
+                "store committer did not answer within {period:?}; withholding the watchdog ping"
+            ),
+        }
+    }
+}
