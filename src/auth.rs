@@ -4,7 +4,11 @@
 //! SHA-256 digest: comparing two equal-length digests in constant time means a timing attacker
 //! learns neither the secret's bytes nor its length.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use hyper::header::{HeaderMap, AUTHORIZATION};
@@ -190,6 +194,71 @@ impl ApiTokens {
             }
         }
         found.ok_or(AuthFailure::Wrong)
+    }
+}
+
+/// A per-address budget of failed authentications: after `max_failures` within `window`, an
+/// address is answered 429 until its window ends, before its credential is even looked at, so
+/// guessing a secret costs the guesser time and costs us almost nothing. Successful requests are
+/// never limited by it.
+pub struct FailureLimiter {
+    windows: Mutex<HashMap<IpAddr, FailureWindow>>,
+    max_failures: u32,
+    window: Duration,
+}
+
+struct FailureWindow {
+    started: Instant,
+    failures: u32,
+}
+
+/// Addresses tracked at most; past this, expired windows are dropped first and, if that is not
+/// enough, all of them (forgetting failures is safer than growing without bound).
+const MAX_TRACKED_ADDRESSES: usize = 65_536;
+
+impl FailureLimiter {
+    pub fn new(max_failures: u32, window: Duration) -> Self {
+        FailureLimiter {
+            windows: Mutex::new(HashMap::new()),
+            max_failures,
+            window,
+        }
+    }
+
+    /// `Err(retry_after)` while `peer` has used up its failures.
+    pub fn check(&self, peer: IpAddr) -> Result<(), Duration> {
+        let windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        match windows.get(&peer) {
+            Some(w) if w.failures >= self.max_failures => {
+                match self.window.checked_sub(w.started.elapsed()) {
+                    Some(left) if !left.is_zero() => Err(left),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn record_failure(&self, peer: IpAddr) {
+        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if windows.len() >= MAX_TRACKED_ADDRESSES && !windows.contains_key(&peer) {
+            windows.retain(|_, w| now.duration_since(w.started) < self.window);
+            if windows.len() >= MAX_TRACKED_ADDRESSES {
+                windows.clear();
+            }
+        }
+        let entry = windows.entry(peer).or_insert(FailureWindow {
+            started: now,
+            failures: 0,
+        });
+        if now.duration_since(entry.started) >= self.window {
+            *entry = FailureWindow {
+                started: now,
+                failures: 0,
+            };
+        }
+        entry.failures = entry.failures.saturating_add(1);
     }
 }
 

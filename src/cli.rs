@@ -47,7 +47,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service: the HTTPS webhook listener and the local lookup API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Is this subject suppressed? Exits 0 when it is safe to send, 1 when suppressed, 2 or more
     /// on error, so `suppressd check "$n" && send` reads right.
     Check {
@@ -127,6 +127,28 @@ pub struct ServeArgs {
     /// PEM private key matching --tls-cert.
     #[arg(long, env = "SUPPRESSD_TLS_KEY", value_name = "PATH")]
     pub tls_key: Option<PathBuf>,
+
+    /// Serve webhooks over plain HTTP instead of HTTPS, for running behind a proxy that
+    /// terminates TLS. Never expose such a listener directly: secrets would cross the network in
+    /// clear text.
+    #[arg(long, env = "SUPPRESSD_INSECURE_HTTP", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure_http: bool,
+
+    /// Most simultaneously open connections per listener; connections beyond it are closed as
+    /// soon as they are accepted, and the ones already open keep working.
+    #[arg(
+        long,
+        env = "SUPPRESSD_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections: u32,
+
+    /// Seconds a client has to send a request's headers, on both listeners; also how long an
+    /// idle keep-alive connection is kept open. Clients that trickle headers are cut off.
+    #[arg(long, env = "SUPPRESSD_REQUEST_HEADER_TIMEOUT", value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub request_header_timeout: u64,
 
     /// Local lookup/admin API (plain HTTP). A non-loopback address requires --api-token-file.
     #[arg(

@@ -1,7 +1,7 @@
 //! The HTTP layer's error type, and the one place where errors become status codes and JSON
 //! bodies (`{"error": "what is wrong", "field": "data.phone"}`).
 
-use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::StatusCode;
 use serde_json::json;
 
@@ -20,6 +20,8 @@ pub enum HttpError {
     Unauthorized(&'static str),
     #[error("{0}")]
     Forbidden(&'static str),
+    #[error("too many failed authentications from this address; retry in {retry_after_secs} s")]
+    TooManyAuthFailures { retry_after_secs: u64 },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -51,6 +53,7 @@ impl HttpError {
             HttpError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             HttpError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
+            HttpError::TooManyAuthFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,7 +79,8 @@ impl HttpError {
         response
     }
 
-    /// Adds the headers HTTP requires with some statuses (`Allow`, `WWW-Authenticate`).
+    /// Adds the headers HTTP requires or advises with some statuses (`Allow`,
+    /// `WWW-Authenticate`, `Retry-After`).
     pub fn decorate(&self, response: &mut Response) {
         match self {
             HttpError::MethodNotAllowed { allow } => {
@@ -88,6 +92,11 @@ impl HttpError {
                 response
                     .headers_mut()
                     .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            HttpError::TooManyAuthFailures { retry_after_secs } => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             _ => {}
         }

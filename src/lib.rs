@@ -41,7 +41,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve::serve(args, cli.api_token_file.as_deref())) {
+            match runtime.block_on(serve::serve(*args, cli.api_token_file.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("suppressd: {e}");

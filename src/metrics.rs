@@ -64,6 +64,10 @@ pub struct Metrics {
     ignored: Mutex<BTreeMap<String, u64>>,
     /// Batch entries that could not identify their subject: `source`, `reason`.
     skipped: Mutex<BTreeMap<String, u64>>,
+    /// Connections closed at accept because the listener was full: `listener`.
+    refused_connections: Mutex<BTreeMap<String, u64>>,
+    /// Webhook requests answered 429 because their address failed authentication too often.
+    auth_rate_limited: AtomicU64,
     lookups_single: AtomicU64,
     lookups_bulk: AtomicU64,
     webhook_latency: Histogram,
@@ -105,6 +109,17 @@ impl Metrics {
             &self.skipped,
             format!("source=\"{source}\",reason=\"{}\"", escape_label(reason)),
         );
+    }
+
+    pub fn connection_refused(&self, listener: &str) {
+        bump(
+            &self.refused_connections,
+            format!("listener=\"{listener}\""),
+        );
+    }
+
+    pub fn auth_rate_limited(&self) {
+        self.auth_rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn lookups(&self, bulk: bool, count: u64) {
@@ -161,6 +176,16 @@ impl Metrics {
             "Batch entries skipped because they cannot identify their subject, by source and reason.",
             &self.skipped,
         );
+        render_counter_map(
+            &mut out,
+            "suppressd_connections_refused_total",
+            "Connections closed at accept because --max-connections were open, by listener.",
+            &self.refused_connections,
+        );
+        out.push_str("# HELP suppressd_webhook_auth_rate_limited_total Webhook requests answered 429 after repeated authentication failures from their address.\n");
+        out.push_str("# TYPE suppressd_webhook_auth_rate_limited_total counter\n");
+        let limited = self.auth_rate_limited.load(Ordering::Relaxed);
+        let _ = writeln!(out, "suppressd_webhook_auth_rate_limited_total {limited}");
         out.push_str("# HELP suppressd_lookups_total Subjects looked up, single or in bulk.\n");
         out.push_str("# TYPE suppressd_lookups_total counter\n");
         let single = self.lookups_single.load(Ordering::Relaxed);

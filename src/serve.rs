@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::auth::{self, ApiTokens, Secret};
+use crate::auth::{self, ApiTokens, FailureLimiter, Secret};
 use crate::cli::ServeArgs;
 use crate::metrics::Metrics;
 use crate::phone::Normalizer;
@@ -16,6 +16,10 @@ use crate::store::{Rules, Store, StoreConfig, StoreError};
 use crate::systemd;
 use crate::tls::{CertSource, Tls};
 use crate::webhooks::WebhookConfig;
+
+/// Failed webhook authentications an address may make per window before it is answered 429.
+const AUTH_FAILURES_PER_WINDOW: u32 = 20;
+const AUTH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A startup failure: the message is the one line the operator sees.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +51,15 @@ pub async fn serve(
     api_token_file: Option<&std::path::Path>,
 ) -> Result<(), StartupError> {
     let phones = Normalizer::new(args.default_region.as_deref())?;
-    let certs =
-        CertSource::from_flags(args.tls_cert.clone(), args.tls_key.clone(), &args.data_dir)?;
+    let certs = if args.insecure_http {
+        None
+    } else {
+        Some(CertSource::from_flags(
+            args.tls_cert.clone(),
+            args.tls_key.clone(),
+            &args.data_dir,
+        )?)
+    };
     let api_token_file = or_credential(api_token_file.map(Path::to_path_buf), "api-token");
     let api_tokens = api_token_file.as_deref().map(ApiTokens::read).transpose()?;
     let api_addrs = server::resolve(&args.api_listen, "--api-listen")?;
@@ -109,11 +120,21 @@ pub async fn serve(
             .await
             .map_err(|e| StartupError::Config(format!("opening the database panicked: {e}")))??
     };
-    let tls = Arc::new(Tls::load(certs)?);
+    let tls = match certs {
+        Some(certs) => Some(Arc::new(Tls::load(certs)?)),
+        None => {
+            tracing::warn!(
+                "--insecure-http: webhooks are served over plain HTTP; only run this behind a proxy that terminates TLS"
+            );
+            None
+        }
+    };
 
     let listeners = Listeners {
         webhook: server::bind(webhook_addrs[0], "--webhook-listen").await?,
         api: server::bind(api_addrs[0], "--api-listen").await?,
+        max_connections: args.max_connections as usize,
+        header_read_timeout: std::time::Duration::from_secs(args.request_header_timeout.max(1)),
     };
     phones.warm();
     let state = Arc::new(AppState {
@@ -122,6 +143,7 @@ pub async fn serve(
         metrics,
         webhooks,
         api_tokens,
+        auth_failures: FailureLimiter::new(AUTH_FAILURES_PER_WINDOW, AUTH_FAILURE_WINDOW),
     });
     tracing::info!(
         webhook = %local_addr(&listeners.webhook),
@@ -130,7 +152,9 @@ pub async fn serve(
         "suppressd ready"
     );
     systemd::ready();
-    tokio::spawn(reload_on_sighup(tls.clone()));
+    if let Some(tls) = &tls {
+        tokio::spawn(reload_on_sighup(tls.clone()));
+    }
     tokio::spawn(systemd::watchdog(state.clone()));
     let shutdown = async {
         shutdown_signal().await;

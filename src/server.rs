@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +13,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-use crate::auth::ApiTokens;
+use crate::auth::{ApiTokens, FailureLimiter};
 use crate::metrics::Metrics;
 use crate::phone::Normalizer;
 use crate::store::Store;
@@ -23,8 +25,15 @@ use crate::{api, webhooks};
 
 /// A client must finish its TLS handshake within this time (hyper has no handshake timeout).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client must send a request's headers within this time (slowloris protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (start line and headers); larger ones are answered 431. On the webhook
+/// listener this is hyper's read buffer limit (hyper-util's auto builder has no separate head
+/// limit), which a TLS record (16 KiB) fits into twice.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// HTTP/2 connections are pinged at this interval and closed when a ping goes unanswered for
+/// the header read timeout.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Concurrent streams per HTTP/2 connection.
+const H2_MAX_STREAMS: u32 = 128;
 /// How long shutdown waits for in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -36,11 +45,19 @@ pub struct AppState {
     pub webhooks: WebhookConfig,
     /// `None` when the API is open (loopback only).
     pub api_tokens: Option<ApiTokens>,
+    /// Per-address budget of failed webhook authentications.
+    pub auth_failures: FailureLimiter,
 }
 
 pub struct Listeners {
     pub webhook: TcpListener,
     pub api: TcpListener,
+    /// Most open connections per listener; further ones are closed as soon as accepted.
+    pub max_connections: usize,
+    /// A client must send a request's headers within this time (slowloris protection). hyper
+    /// starts the same timer whenever an HTTP/1 connection waits for its next request, so it is
+    /// also the idle keep-alive timeout.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Clone, Copy)]
@@ -49,27 +66,49 @@ enum Side {
     Api,
 }
 
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Webhook => "webhook",
+            Side::Api => "api",
+        }
+    }
+}
+
+/// Serves both listeners until `shutdown` resolves. `tls` is `None` only with
+/// `--insecure-http`, when a proxy in front terminates TLS.
 pub async fn run(
     listeners: Listeners,
-    tls: Arc<Tls>,
+    tls: Option<Arc<Tls>>,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    let header_read_timeout = listeners.header_read_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(header_read_timeout);
     let builder = Arc::new(builder);
     // The local API is HTTP/1.1 only: skipping protocol detection is measurably faster on the
     // single-lookup path.
     let mut api_builder = hyper::server::conn::http1::Builder::new();
     api_builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read_timeout)
+        .max_header_size(MAX_HEADER_BYTES);
     let api_builder = Arc::new(api_builder);
+    let webhook_slots = Arc::new(Semaphore::new(listeners.max_connections));
+    let api_slots = Arc::new(Semaphore::new(listeners.max_connections));
 
     tokio::pin!(shutdown);
     loop {
@@ -78,8 +117,8 @@ pub async fn run(
             accepted = listeners.webhook.accept() => (Side::Webhook, accepted),
             accepted = listeners.api.accept() => (Side::Api, accepted),
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Typically out of file descriptors; back off instead of spinning.
                 tracing::warn!("accept failed: {e}");
@@ -87,28 +126,54 @@ pub async fn run(
                 continue;
             }
         };
+        let slots = match side {
+            Side::Webhook => &webhook_slots,
+            Side::Api => &api_slots,
+        };
+        // Over the limit the connection is closed at once, so the clients already connected
+        // keep their share of the machine.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            state.metrics.connection_refused(side.name());
+            tracing::warn!(
+                listener = side.name(),
+                %peer,
+                "connection refused: {} connections already open",
+                listeners.max_connections
+            );
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (state, watcher) = (state.clone(), graceful.watcher());
-        match side {
-            Side::Webhook => {
+        let service = service(side, state, peer.ip());
+        match (side, &tls) {
+            (Side::Webhook, Some(tls)) => {
                 let (tls, builder) = (tls.acceptor(), builder.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
                     else {
                         return;
                     };
-                    let connection =
-                        builder.serve_connection(TokioIo::new(stream), service(side, state));
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
                     // Errors here are clients going away or speaking garbage; nothing to act on.
                     let _ = watcher.watch(connection).await;
                 });
             }
-            Side::Api => {
+            (Side::Webhook, None) => {
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(connection).await;
+                });
+            }
+            (Side::Api, _) => {
                 let builder = api_builder.clone();
                 tokio::spawn(async move {
-                    let connection =
-                        builder.serve_connection(TokioIo::new(stream), service(side, state));
+                    let _slot = slot;
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let _ = watcher.watch(connection).await;
                 });
             }
@@ -130,6 +195,7 @@ pub async fn run(
 fn service(
     side: Side,
     state: Arc<AppState>,
+    peer: IpAddr,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
     Response = crate::web::Response,
@@ -140,7 +206,7 @@ fn service(
         let state = state.clone();
         async move {
             Ok::<_, Infallible>(match side {
-                Side::Webhook => webhooks::handle(&state, request).await,
+                Side::Webhook => webhooks::handle(&state, request, peer).await,
                 Side::Api => api::handle(&state, request).await,
             })
         }

@@ -2,9 +2,11 @@
 //!
 //! Every webhook goes through the same checks, in this order, so that a caller learns the most
 //! basic problem first: unknown path or provider not enabled (404) → method (405) → credential
-//! (401 none / 403 wrong) → body size (413) → payload (400). The response is sent only after the
+//! (401 none / 403 wrong; 429 instead while the caller's address has failed authentication too
+//! often) → body size (413) → payload (400). The response is sent only after the
 //! store has made the request's effect durable (see ARCHITECTURE.md, "no 2xx before durable").
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use hyper::{Method, StatusCode};
@@ -30,20 +32,20 @@ pub struct WebhookConfig {
     pub sendios: Option<Secret>,
 }
 
-pub async fn handle(state: &AppState, request: Request) -> Response {
+pub async fn handle(state: &AppState, request: Request, peer: IpAddr) -> Response {
     let started = Instant::now();
     let hooks = &state.webhooks;
     match request.uri().path() {
         "/webhooks/lox24" if hooks.lox24.is_some() => {
-            let result = lox24_delivery(state, request).await;
+            let result = lox24_delivery(state, request, peer).await;
             finish(state, "lox24", started, result, HttpError::into_response)
         }
         "/webhooks/tencent" if hooks.tencent.is_some() => {
-            let result = tencent_delivery(state, request).await;
+            let result = tencent_delivery(state, request, peer).await;
             finish(state, "tencent", started, result, tencent_error)
         }
         "/webhooks/sendios" if hooks.sendios.is_some() => {
-            let result = sendios_delivery(state, request).await;
+            let result = sendios_delivery(state, request, peer).await;
             finish(state, "sendios", started, result, HttpError::into_response)
         }
         _ => {
@@ -104,15 +106,35 @@ async fn refuse(request: Request, error: HttpError) -> HttpError {
 }
 
 /// Authenticates a shared-secret provider's POST and reads its body.
-async fn authenticated_body(secret: &Secret, request: Request) -> Result<bytes::Bytes, HttpError> {
+async fn authenticated_body(
+    state: &AppState,
+    peer: IpAddr,
+    secret: &Secret,
+    request: Request,
+) -> Result<bytes::Bytes, HttpError> {
     if request.method() != Method::POST {
         return Err(refuse(request, HttpError::MethodNotAllowed { allow: "POST" }).await);
     }
+    if let Err(error) = auth_budget(state, peer) {
+        return Err(refuse(request, error).await);
+    }
     let token = query_param(request.uri().query(), "token");
     if let Err(failure) = auth::check_webhook_secret(secret, request.headers(), token.as_deref()) {
+        state.auth_failures.record_failure(peer);
         return Err(refuse(request, HttpError::auth(failure)).await);
     }
     read_body(request, MAX_BODY).await
+}
+
+/// 429 while `peer` has used up its budget of failed authentications.
+fn auth_budget(state: &AppState, peer: IpAddr) -> Result<(), HttpError> {
+    state.auth_failures.check(peer).map_err(|left| {
+        state.metrics.auth_rate_limited();
+        tracing::warn!(%peer, "webhook refused: too many failed authentications from this address");
+        HttpError::TooManyAuthFailures {
+            retry_after_secs: left.as_secs().max(1),
+        }
+    })
 }
 
 /// How a request's committed events ended, for responses and metrics.
@@ -124,11 +146,15 @@ fn outcome_of(outcomes: &[Outcome]) -> &'static str {
     }
 }
 
-async fn lox24_delivery(state: &AppState, request: Request) -> Result<Handled, HttpError> {
+async fn lox24_delivery(
+    state: &AppState,
+    request: Request,
+    peer: IpAddr,
+) -> Result<Handled, HttpError> {
     let Some(secret) = &state.webhooks.lox24 else {
         return Err(HttpError::NotFound);
     };
-    let body = authenticated_body(secret, request).await?;
+    let body = authenticated_body(state, peer, secret, request).await?;
     match lox24::parse(&body, &state.phones, now_ms())? {
         lox24::Delivery::Ignored { name } => {
             state.metrics.ignored("lox24", "other_event_name");
@@ -180,12 +206,19 @@ fn tencent_ok(info: String) -> serde_json::Value {
     json!({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": info})
 }
 
-async fn tencent_delivery(state: &AppState, request: Request) -> Result<Handled, HttpError> {
+async fn tencent_delivery(
+    state: &AppState,
+    request: Request,
+    peer: IpAddr,
+) -> Result<Handled, HttpError> {
     let Some(config) = &state.webhooks.tencent else {
         return Err(HttpError::NotFound);
     };
     if request.method() != Method::POST {
         return Err(refuse(request, HttpError::MethodNotAllowed { allow: "POST" }).await);
+    }
+    if let Err(error) = auth_budget(state, peer) {
+        return Err(refuse(request, error).await);
     }
     let query = request.uri().query();
     let param = |name| query_param(query, name).map(|v| v.into_owned());
@@ -200,6 +233,7 @@ async fn tencent_delivery(state: &AppState, request: Request) -> Result<Handled,
             AuthFailure::Missing => HttpError::Unauthorized(why),
             AuthFailure::Wrong => HttpError::Forbidden(why),
         };
+        state.auth_failures.record_failure(peer);
         return Err(refuse(request, error).await);
     }
     let body = read_body(request, MAX_BODY).await?;
@@ -253,11 +287,15 @@ async fn tencent_delivery(state: &AppState, request: Request) -> Result<Handled,
     }
 }
 
-async fn sendios_delivery(state: &AppState, request: Request) -> Result<Handled, HttpError> {
+async fn sendios_delivery(
+    state: &AppState,
+    request: Request,
+    peer: IpAddr,
+) -> Result<Handled, HttpError> {
     let Some(secret) = &state.webhooks.sendios else {
         return Err(HttpError::NotFound);
     };
-    let body = authenticated_body(secret, request).await?;
+    let body = authenticated_body(state, peer, secret, request).await?;
     let batch = sendios::parse(&body, now_ms())?;
     if !batch.warnings.is_empty() {
         tracing::warn!(

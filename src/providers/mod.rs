@@ -34,10 +34,62 @@ impl PayloadError {
     }
 }
 
+/// Deepest JSON nesting a webhook body may have. Provider payloads use four or five levels;
+/// the limit keeps a hostile body from costing recursion (serde_json's own limit is 128).
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Most entries one batch webhook (Tencent's account list, a Sendios batch) may carry.
+pub const MAX_BATCH_ENTRIES: usize = 10_000;
+
 /// Parses a request body as JSON, naming the position of a syntax error.
 pub fn parse_json(body: &[u8]) -> Result<Value, PayloadError> {
+    if nesting_exceeds(body, MAX_JSON_DEPTH) {
+        return Err(PayloadError::body(format!(
+            "body is nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
     serde_json::from_slice(body)
         .map_err(|e| PayloadError::body(format!("body is not valid JSON: {e}")))
+}
+
+/// Whether brackets outside strings nest deeper than `limit`; one pass, no allocation. Invalid
+/// JSON is left for the parser to describe.
+fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Refuses a batch with more than [`MAX_BATCH_ENTRIES`] entries.
+pub fn check_batch_len(field: &str, len: usize) -> Result<(), PayloadError> {
+    if len > MAX_BATCH_ENTRIES {
+        return Err(PayloadError::field(
+            field,
+            format!("at most {MAX_BATCH_ENTRIES} entries per request, got {len}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Copies descriptive fields into an event's details, never failing: a field that is missing or
@@ -125,4 +177,29 @@ pub fn seconds_as_ms(
         ));
     }
     ms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_limit_counts_brackets_outside_strings_only() {
+        let deep = format!("{}{}", "[".repeat(33), "]".repeat(33));
+        assert!(parse_json(deep.as_bytes())
+            .unwrap_err()
+            .message
+            .contains("nested deeper than 32"));
+        let ok = format!("{}{}", "[".repeat(32), "]".repeat(32));
+        assert!(parse_json(ok.as_bytes()).is_ok());
+        let in_string = format!("{{\"a\": \"{}\\\"\"}}", "[".repeat(100));
+        assert!(parse_json(in_string.as_bytes()).is_ok(), "{in_string}");
+    }
+
+    #[test]
+    fn batch_length_is_limited() {
+        assert!(check_batch_len("x", MAX_BATCH_ENTRIES).is_ok());
+        let error = check_batch_len("x", MAX_BATCH_ENTRIES + 1).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("x"));
+    }
 }

@@ -64,6 +64,7 @@ pub fn parse(body: &[u8], receive_time_ms: i64) -> Result<Batch, PayloadError> {
             ))
         }
     };
+    super::check_batch_len("body", entries.len())?;
     let mut batch = Batch {
         events: Vec::new(),
         ignored: Vec::new(),

@@ -161,6 +161,7 @@ pub fn parse(
                 "SubscribeAccountList must be an array",
             )
         })?;
+    super::check_batch_len("SubscribeAccountList", list.len())?;
 
     let mut warnings = Vec::new();
     let event_time_ms = match object.get("EventTime") {

@@ -218,7 +218,10 @@ impl Server {
         } else {
             server.data_dir.join("tls/cert.pem")
         };
-        server.tls = connector(&std::fs::read_to_string(cert).unwrap());
+        // With --insecure-http there is no certificate to trust.
+        if let Ok(pem) = std::fs::read_to_string(cert) {
+            server.tls = connector(&pem);
+        }
         server
     }
 
@@ -348,6 +351,12 @@ impl Server {
         self.tls.connect(name, tcp).await.map_err(|e| e.to_string())
     }
 
+    /// TLS over a TCP connection the test opened itself (e.g. from another source address).
+    pub async fn tls_over(&self, tcp: TcpStream) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        self.tls.connect(name, tcp).await.unwrap()
+    }
+
     /// The leaf certificate a new handshake is served.
     pub async fn served_certificate(&self) -> Vec<u8> {
         let tls = self.webhook_tls().await.unwrap();
@@ -453,7 +462,8 @@ impl Reply {
     }
 }
 
-async fn send<S>(
+/// One HTTP/1.1 request on `stream`, with the body collected.
+pub async fn send<S>(
     stream: S,
     method: &str,
     path: &str,
