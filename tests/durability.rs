@@ -45,13 +45,33 @@ async fn acknowledged_events_survive_a_graceful_restart() {
     }
 }
 
-/// Deliveries race a SIGKILL; every one that was answered 200 must be there after restart, in
-/// every round, and the store must open cleanly each time.
+/// A crash loop: concurrent deliveries race a SIGKILL at a random point, ten times over; every
+/// delivery answered 200 must be there after each restart, and the store must open cleanly each
+/// time. The seed is printed so a failing sequence can be replayed (`CRASH_SEED=…`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_event() {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("CRASH_SEED={seed}");
+    let mut random = seed;
+    let mut next_delay_ms = move || {
+        // xorshift64: enough to spread kill points over the delivery stream.
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        150 + random % 600
+    };
     let mut server = Server::start(Options::default());
     let mut acknowledged: Vec<(String, String)> = Vec::new();
-    for round in 1..=3 {
+    for round in 1..=10 {
         let shared = Arc::new(server);
         let acked = Arc::new(Mutex::new(Vec::new()));
         let senders: Vec<_> = (0..16)
@@ -72,7 +92,7 @@ async fn sigkill_loses_no_acknowledged_event() {
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(300 + 200 * round as u64)).await;
+        tokio::time::sleep(Duration::from_millis(next_delay_ms())).await;
         shared.signal(libc::SIGKILL);
         for sender in senders {
             sender.await.unwrap();

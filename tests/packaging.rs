@@ -6,34 +6,13 @@
 //! requires (`SUPPRESSD_REQUIRE_TOOLS=1`); elsewhere a missing tool skips the test with a message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::process::Command;
 
-const PACKAGE: &str = "suppressd";
+use common::tools_present;
 
-/// True when every tool is on PATH; otherwise fails under CI or says SKIPPED.
-fn tools_present(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .unwrap()
-                .status
-                .success()
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("SUPPRESSD_REQUIRE_TOOLS").is_none(),
-        "{test}: missing {missing:?}"
-    );
-    eprintln!("SKIPPED {test}: missing {missing:?} (.ci/run installs them)");
-    false
-}
+const PACKAGE: &str = "suppressd";
 
 fn run(command: &mut Command) -> String {
     let output = command.output().unwrap();

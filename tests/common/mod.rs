@@ -73,6 +73,8 @@ pub struct Options {
     pub extra: Vec<String>,
     /// Environment variables for the process (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// A command the binary runs under, e.g. `strace -f -o FILE`.
+    pub prefix: Vec<String>,
 }
 
 impl Default for Options {
@@ -86,6 +88,7 @@ impl Default for Options {
             sendios: false,
             extra: Vec::new(),
             env: Vec::new(),
+            prefix: Vec::new(),
         }
     }
 }
@@ -98,6 +101,7 @@ pub struct Server {
     pub data_dir: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    prefix: Vec<String>,
     logs: Arc<Mutex<Vec<String>>>,
     tls: tokio_rustls::TlsConnector,
     pub api_token: Option<String>,
@@ -208,6 +212,7 @@ impl Server {
             data_dir,
             args,
             env: options.env.clone(),
+            prefix: options.prefix.clone(),
             logs: Arc::new(Mutex::new(Vec::new())),
             tls: connector(""),
             api_token,
@@ -227,7 +232,15 @@ impl Server {
 
     /// Starts the binary with the stored arguments and waits for its "ready" line.
     fn launch(&mut self) {
-        let mut child = Command::new(binary())
+        let mut command = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
             .args(&self.args)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -502,6 +515,31 @@ where
         headers,
         text: String::from_utf8_lossy(&bytes).into_owned(),
     })
+}
+
+/// True when every tool is on PATH; otherwise fails under CI or says SKIPPED.
+pub fn tools_present(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("SUPPRESSD_REQUIRE_TOOLS").is_none(),
+        "{test}: missing {missing:?}"
+    );
+    eprintln!("SKIPPED {test}: missing {missing:?} (.ci/run installs them)");
+    false
 }
 
 /// Runs the binary to completion (for startup failures) and returns its status and stderr; a

@@ -1,0 +1,126 @@
+//! Power-cut safety at the system-call level: under `strace -f`, every 200 to a webhook is
+//! written to its socket only after an `fdatasync` of the write-ahead log that holds the event,
+//! never on the strength of sled's `sync_file_range` alone.
+//!
+//! Deliveries are sent one at a time, so every WAL write and sync between two responses belongs
+//! to the second one's commit.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{lox24_event, tools_present, Options, Server};
+
+const DELIVERIES: usize = 20;
+
+#[tokio::test]
+async fn every_acknowledgement_follows_an_fdatasync_of_the_wal() {
+    if !tools_present(
+        "every_acknowledgement_follows_an_fdatasync_of_the_wal",
+        &["strace"],
+    ) {
+        return;
+    }
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let trace = dir.path().join("strace.out");
+    let mut server = Server::start_in(
+        dir.clone(),
+        Options {
+            prefix: vec![
+                "strace".into(),
+                "-f".into(),
+                "-qq".into(),
+                "-yy".into(),
+                "-e".into(),
+                "trace=write,writev,sendto,sendmsg,pwrite64,fdatasync,fsync,sync_file_range".into(),
+                "-o".into(),
+                trace.display().to_string(),
+            ],
+            ..Options::default()
+        },
+    );
+    let port = server.webhook.port();
+    for i in 0..DELIVERIES {
+        let id = format!("c0ffee00-0000-4000-8000-{i:012x}");
+        let reply = server
+            .lox24(lox24_event(&id, &format!("+4916{i:08}"), 1_700_000_000))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    server.kill();
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Each delivery used its own connection; its response is the last write on that socket.
+    let local = format!("127.0.0.1:{port}->");
+    let mut last_write_per_connection: Vec<(String, usize)> = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        let is_socket_write = ["write(", "writev(", "sendto(", "sendmsg("]
+            .iter()
+            .any(|call| line.contains(call));
+        let Some(start) = line.find(&local).filter(|_| is_socket_write) else {
+            continue;
+        };
+        let peer = line[start + local.len()..]
+            .split(']')
+            .next()
+            .unwrap()
+            .to_owned();
+        match last_write_per_connection
+            .iter_mut()
+            .find(|(p, _)| *p == peer)
+        {
+            Some(entry) => entry.1 = index,
+            None => last_write_per_connection.push((peer, index)),
+        }
+    }
+    assert_eq!(
+        last_write_per_connection.len(),
+        DELIVERIES,
+        "expected one connection per delivery in the trace"
+    );
+    let mut responses: Vec<usize> = last_write_per_connection.iter().map(|(_, i)| *i).collect();
+    responses.sort_unstable();
+    // The first window opens with the first delivery's connection (its TLS handshake), after
+    // the WAL's preallocation at start.
+    let first_contact = lines.iter().position(|l| l.contains(&local)).unwrap();
+
+    // A completed WAL sync: the whole call, or its "resumed" half when another thread's call
+    // was printed in between.
+    let wal = "/data/wal>";
+    let completed_sync = |line: &str| {
+        let done = line.contains("= 0");
+        (line.starts_with_pid_and("fdatasync(") && line.contains(wal) && done)
+            || (line.contains("<... fdatasync resumed>") && done)
+    };
+    let wal_write = |line: &str| {
+        (line.contains("pwrite64(") || line.contains("write(") || line.contains("writev("))
+            && line.contains(wal)
+    };
+    let mut previous = first_contact;
+    for (n, &response) in responses.iter().enumerate() {
+        let window = &lines[previous..response];
+        let write_at = window.iter().position(|l| wal_write(l));
+        let sync_at = window.iter().rposition(|l| completed_sync(l));
+        match (write_at, sync_at) {
+            (Some(write), Some(sync)) if write < sync => {}
+            _ => panic!(
+                "response {n} (trace line {response}) was not preceded by a WAL write and fdatasync:\n{}",
+                window.join("\n")
+            ),
+        }
+        previous = response + 1;
+    }
+}
+
+trait StartsWithPidAnd {
+    /// `strace -f` prefixes each line with the thread id: `1234  fdatasync(…`.
+    fn starts_with_pid_and(&self, call: &str) -> bool;
+}
+
+impl StartsWithPidAnd for str {
+    fn starts_with_pid_and(&self, call: &str) -> bool {
+        self.trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with(call)
+    }
+}
