@@ -239,7 +239,8 @@ impl FailureLimiter {
         }
     }
 
-    pub fn record_failure(&self, peer: IpAddr) {
+    /// Counts a failure; true when it used up the address's budget (it is blocked from now on).
+    pub fn record_failure(&self, peer: IpAddr) -> bool {
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if windows.len() >= MAX_TRACKED_ADDRESSES && !windows.contains_key(&peer) {
@@ -259,6 +260,7 @@ impl FailureLimiter {
             };
         }
         entry.failures = entry.failures.saturating_add(1);
+        entry.failures == self.max_failures
     }
 }
 

@@ -109,6 +109,7 @@ pub async fn run(
     let api_builder = Arc::new(api_builder);
     let webhook_slots = Arc::new(Semaphore::new(listeners.max_connections));
     let api_slots = Arc::new(Semaphore::new(listeners.max_connections));
+    let (mut webhook_refused, mut api_refused) = (0u64, 0u64);
 
     tokio::pin!(shutdown);
     loop {
@@ -126,23 +127,34 @@ pub async fn run(
                 continue;
             }
         };
-        let slots = match side {
-            Side::Webhook => &webhook_slots,
-            Side::Api => &api_slots,
+        let (slots, refused_in_a_row) = match side {
+            Side::Webhook => (&webhook_slots, &mut webhook_refused),
+            Side::Api => (&api_slots, &mut api_refused),
         };
         // Over the limit the connection is closed at once, so the clients already connected
-        // keep their share of the machine.
+        // keep their share of the machine. A flood is logged when it starts and when it ends,
+        // not once per connection.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             state.metrics.connection_refused(side.name());
-            tracing::warn!(
-                listener = side.name(),
-                %peer,
-                "connection refused: {} connections already open",
-                listeners.max_connections
-            );
+            if *refused_in_a_row == 0 {
+                tracing::warn!(
+                    listener = side.name(),
+                    %peer,
+                    "refusing connections: {} already open (--max-connections)",
+                    listeners.max_connections
+                );
+            }
+            *refused_in_a_row += 1;
             drop(stream);
             continue;
         };
+        if *refused_in_a_row > 0 {
+            tracing::info!(
+                listener = side.name(),
+                "accepting connections again after refusing {refused_in_a_row}"
+            );
+            *refused_in_a_row = 0;
+        }
         let _ = stream.set_nodelay(true);
         let (state, watcher) = (state.clone(), graceful.watcher());
         let service = service(side, state, peer.ip());

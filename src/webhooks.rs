@@ -3,8 +3,8 @@
 //! Every webhook goes through the same checks, in this order, so that a caller learns the most
 //! basic problem first: unknown path or provider not enabled (404) → method (405) → credential
 //! (401 none / 403 wrong; 429 instead while the caller's address has failed authentication too
-//! often) → body size (413) → payload (400). The response is sent only after the
-//! store has made the request's effect durable (see ARCHITECTURE.md, "no 2xx before durable").
+//! often) → body size (413) → payload (400). The response is sent only after the store has made
+//! the request's effect durable (see ARCHITECTURE.md, "no 2xx before durable").
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -120,7 +120,7 @@ async fn authenticated_body(
     }
     let token = query_param(request.uri().query(), "token");
     if let Err(failure) = auth::check_webhook_secret(secret, request.headers(), token.as_deref()) {
-        state.auth_failures.record_failure(peer);
+        record_auth_failure(state, peer);
         return Err(refuse(request, HttpError::auth(failure)).await);
     }
     read_body(request, MAX_BODY).await
@@ -130,11 +130,20 @@ async fn authenticated_body(
 fn auth_budget(state: &AppState, peer: IpAddr) -> Result<(), HttpError> {
     state.auth_failures.check(peer).map_err(|left| {
         state.metrics.auth_rate_limited();
-        tracing::warn!(%peer, "webhook refused: too many failed authentications from this address");
         HttpError::TooManyAuthFailures {
             retry_after_secs: left.as_secs().max(1),
         }
     })
+}
+
+/// Logged once per address and window, when the budget runs out, rather than on every 429.
+fn record_auth_failure(state: &AppState, peer: IpAddr) {
+    if state.auth_failures.record_failure(peer) {
+        tracing::warn!(
+            %peer,
+            "too many failed webhook authentications from this address; answering 429 for a while"
+        );
+    }
 }
 
 /// How a request's committed events ended, for responses and metrics.
@@ -233,7 +242,7 @@ async fn tencent_delivery(
             AuthFailure::Missing => HttpError::Unauthorized(why),
             AuthFailure::Wrong => HttpError::Forbidden(why),
         };
-        state.auth_failures.record_failure(peer);
+        record_auth_failure(state, peer);
         return Err(refuse(request, error).await);
     }
     let body = read_body(request, MAX_BODY).await?;
