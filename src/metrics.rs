@@ -182,10 +182,13 @@ impl Metrics {
             "Connections closed at accept because --max-connections were open, by listener.",
             &self.refused_connections,
         );
-        out.push_str("# HELP suppressd_webhook_auth_rate_limited_total Webhook requests answered 429 after repeated authentication failures from their address.\n");
-        out.push_str("# TYPE suppressd_webhook_auth_rate_limited_total counter\n");
-        let limited = self.auth_rate_limited.load(Ordering::Relaxed);
-        let _ = writeln!(out, "suppressd_webhook_auth_rate_limited_total {limited}");
+        render_value(
+            &mut out,
+            "suppressd_webhook_auth_rate_limited_total",
+            "counter",
+            "Webhook requests answered 429 after repeated authentication failures from their address.",
+            self.auth_rate_limited.load(Ordering::Relaxed),
+        );
         out.push_str("# HELP suppressd_lookups_total Subjects looked up, single or in bulk.\n");
         out.push_str("# TYPE suppressd_lookups_total counter\n");
         let single = self.lookups_single.load(Ordering::Relaxed);
@@ -212,24 +215,39 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
             histogram.render(&mut out, name, "");
         }
-        let _ = writeln!(
-            out,
-            "# HELP suppressd_store_write_failures_total Group commits that could not be applied or made durable (nothing in them was acknowledged).\n# TYPE suppressd_store_write_failures_total counter\nsuppressd_store_write_failures_total {}",
-            self.write_failures.load(Ordering::Relaxed)
+        render_value(
+            &mut out,
+            "suppressd_store_write_failures_total",
+            "counter",
+            "Group commits that could not be applied or made durable (nothing in them was acknowledged).",
+            self.write_failures.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP suppressd_store_committed_requests_total Requests made durable by group commits.\n# TYPE suppressd_store_committed_requests_total counter\nsuppressd_store_committed_requests_total {}",
-            self.flushed_requests.load(Ordering::Relaxed)
+        render_value(
+            &mut out,
+            "suppressd_store_committed_requests_total",
+            "counter",
+            "Requests made durable by group commits.",
+            self.flushed_requests.load(Ordering::Relaxed),
         );
         if let Some(bytes) = size_on_disk {
-            let _ = writeln!(
-                out,
-                "# HELP suppressd_store_size_bytes Database size on disk.\n# TYPE suppressd_store_size_bytes gauge\nsuppressd_store_size_bytes {bytes}"
+            render_value(
+                &mut out,
+                "suppressd_store_size_bytes",
+                "gauge",
+                "Database size on disk.",
+                bytes,
             );
         }
         out
     }
+}
+
+/// One unlabelled metric with its HELP and TYPE lines.
+fn render_value(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 fn render_counter_map(
