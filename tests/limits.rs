@@ -114,7 +114,7 @@ async fn connections_over_the_limit_are_refused_while_open_ones_keep_working() {
                 .await
                 .unwrap();
         tokio::spawn(connection);
-        let response = sender.send_request(healthless_request()).await.unwrap();
+        let response = sender.send_request(get_on_webhook_path()).await.unwrap();
         assert_eq!(response.status(), 405);
         open.push(sender);
     }
@@ -130,7 +130,7 @@ async fn connections_over_the_limit_are_refused_while_open_ones_keep_working() {
             >= 1.0
     );
     for sender in &mut open {
-        let response = sender.send_request(healthless_request()).await.unwrap();
+        let response = sender.send_request(get_on_webhook_path()).await.unwrap();
         assert_eq!(response.status(), 405, "an open connection stopped working");
     }
     // Closing one frees its slot.
@@ -143,7 +143,7 @@ async fn connections_over_the_limit_are_refused_while_open_ones_keep_working() {
 }
 
 /// A GET on the webhook path: 405, answered without touching the store.
-fn healthless_request() -> hyper::Request<http_body_util::Full<Bytes>> {
+fn get_on_webhook_path() -> hyper::Request<http_body_util::Full<Bytes>> {
     hyper::Request::get("/webhooks/lox24")
         .header("host", "localhost")
         .body(http_body_util::Full::new(Bytes::new()))

@@ -89,7 +89,7 @@ async fn every_acknowledgement_follows_an_fdatasync_of_the_wal() {
     let wal = "/data/wal>";
     let completed_sync = |line: &str| {
         let done = line.contains("= 0");
-        (line.starts_with_pid_and("fdatasync(") && line.contains(wal) && done)
+        (call_of(line).starts_with("fdatasync(") && line.contains(wal) && done)
             || (line.contains("<... fdatasync resumed>") && done)
     };
     let wal_write = |line: &str| {
@@ -112,15 +112,8 @@ async fn every_acknowledgement_follows_an_fdatasync_of_the_wal() {
     }
 }
 
-trait StartsWithPidAnd {
-    /// `strace -f` prefixes each line with the thread id: `1234  fdatasync(…`.
-    fn starts_with_pid_and(&self, call: &str) -> bool;
-}
-
-impl StartsWithPidAnd for str {
-    fn starts_with_pid_and(&self, call: &str) -> bool {
-        self.trim_start_matches(|c: char| c.is_ascii_digit())
-            .trim_start()
-            .starts_with(call)
-    }
+/// A line without the thread id `strace -f` puts in front: `1234  fdatasync(…` → `fdatasync(…`.
+fn call_of(line: &str) -> &str {
+    line.trim_start_matches(|c: char| c.is_ascii_digit())
+        .trim_start()
 }
