@@ -158,3 +158,43 @@ async fn a_name_that_resolves_only_to_loopback_is_loopback() {
     });
     assert_eq!(server.get("/healthz").await.status, 200);
 }
+
+/// A secret file every user can read is warned about; the secret itself never reaches the log,
+/// not even when a wrong one is presented.
+#[tokio::test]
+async fn world_readable_secret_is_warned_about_and_never_logged() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let secret_path = dir.path().join("open.secret");
+    std::fs::write(&secret_path, common::SECRET).unwrap();
+    std::fs::set_permissions(
+        &secret_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let server = Server::start_in(
+        dir,
+        Options {
+            lox24: false,
+            extra: vec![
+                "--lox24-secret-file".into(),
+                secret_path.display().to_string(),
+            ],
+            ..Options::default()
+        },
+    );
+    let wrong = server
+        .webhook(
+            "/webhooks/lox24",
+            &[("authorization", "Bearer a-wrong-guess")],
+            "{}",
+        )
+        .await;
+    assert_eq!(wrong.status, 403);
+    let logs = server.logs();
+    assert!(logs.contains("is readable by every user"), "{logs}");
+    assert!(!logs.contains(common::SECRET), "the secret was logged");
+    assert!(
+        !logs.contains("a-wrong-guess"),
+        "a presented credential was logged"
+    );
+}
