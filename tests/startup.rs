@@ -22,7 +22,7 @@ fn serve_args<'a>(data: &'a str, api_listen: &'a str) -> [&'a str; 7] {
 
 /// Asserts a failed start: non-zero exit, exactly one `suppressd:` line containing `needle`, and
 /// no panic output.
-fn assert_refused(args: &[&str], needle: &str) {
+fn assert_refused(args: &[&str], needle: &str) -> Option<i32> {
     let (status, stderr) = run_to_exit(args);
     assert!(!status.success(), "{args:?} should fail; stderr:\n{stderr}");
     let lines: Vec<&str> = stderr
@@ -36,6 +36,7 @@ fn assert_refused(args: &[&str], needle: &str) {
         lines[0]
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+    status.code()
 }
 
 #[test]
@@ -64,7 +65,11 @@ fn refuses_an_open_api_on_a_public_address_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let args = serve_args(data.to_str().unwrap(), "0.0.0.0:0");
-    assert_refused(&args, "--api-token-file");
+    assert_eq!(
+        assert_refused(&args, "--api-token-file"),
+        Some(1),
+        "configuration problems exit 1"
+    );
 }
 
 #[test]
@@ -96,7 +101,11 @@ fn reports_a_locked_database() {
     let server = Server::start(Options::default());
     let data = server.data_dir.to_str().unwrap().to_owned();
     let args = serve_args(&data, "127.0.0.1:0");
-    assert_refused(&args, "locked");
+    assert_eq!(
+        assert_refused(&args, "locked"),
+        Some(3),
+        "database problems exit 3"
+    );
 }
 
 #[test]
@@ -108,7 +117,11 @@ fn reports_a_corrupt_database() {
     std::fs::write(db.join("db"), vec![0xA5; 4096]).unwrap();
     let data = dir.path().join("data");
     let args = serve_args(data.to_str().unwrap(), "127.0.0.1:0");
-    assert_refused(&args, "corrupt");
+    assert_eq!(
+        assert_refused(&args, "corrupt"),
+        Some(3),
+        "database problems exit 3"
+    );
 }
 
 #[tokio::test]
