@@ -5,8 +5,8 @@ use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::StatusCode;
 use serde_json::json;
 
-use crate::auth::AuthFailure;
 use crate::providers::PayloadError;
+use crate::secret::AuthFailure;
 use crate::store::StoreError;
 use crate::web::{json_response, Response};
 

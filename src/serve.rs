@@ -6,11 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::auth::{self, ApiTokens, FailureLimiter, Secret};
+use crate::auth::{self, ApiTokens, FailureLimiter};
 use crate::cli::ServeArgs;
 use crate::metrics::Metrics;
 use crate::phone::Normalizer;
 use crate::providers::tencent::TencentConfig;
+use crate::secret::Secret;
 use crate::server::{self, AppState, Listeners};
 use crate::store::{Rules, Store, StoreConfig, StoreError};
 use crate::systemd;

@@ -12,11 +12,12 @@ use std::time::Instant;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
-use crate::auth::{self, AuthFailure, Secret};
+use crate::auth;
 use crate::error::HttpError;
 use crate::event::{ms_to_secs, now_ms};
 use crate::providers::tencent::{self, TencentConfig};
 use crate::providers::{lox24, sendios};
+use crate::secret::{AuthFailure, Secret};
 use crate::server::AppState;
 use crate::store::Outcome;
 use crate::web::{discard_body, json_response, query_param, read_body, Request, Response};

@@ -47,7 +47,7 @@ fn sendios_samples() -> Vec<Value> {
 }
 
 fn sign(token: &str, time: i64) -> String {
-    suppressd::auth::sha256_hex(format!("{token}{time}").as_bytes())
+    suppressd::secret::sha256_hex(format!("{token}{time}").as_bytes())
 }
 
 /// Delivers the Tencent sample, unsigned, and returns the HTTP status.

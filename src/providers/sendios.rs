@@ -155,7 +155,7 @@ fn entry(
         // serde_json's maps are sorted, so this serialisation is canonical.
         None => format!(
             "sendios:sha256:{}",
-            crate::auth::sha256_hex(value.to_string().as_bytes())
+            crate::secret::sha256_hex(value.to_string().as_bytes())
         ),
     };
     let mut details = Details::new(object, key);

@@ -19,8 +19,8 @@ use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 
 use super::{parse_json, PayloadError};
-use crate::auth::AuthFailure;
 use crate::event::{Event, Kind, Source, Subject, MAX_ID_BYTES};
+use crate::secret::AuthFailure;
 
 /// The one callback command suppressd acts on.
 pub const DELETE_SUBSCRIBER: &str = "OfficialAccount.CallbackAfterDeleteSubscriber";
@@ -83,7 +83,7 @@ pub fn sign_matches(token: &str, request_time: &str, sign: &str) -> bool {
 }
 
 fn expected_sign(token: &str, request_time: &str) -> String {
-    crate::auth::sha256_hex(format!("{token}{request_time}").as_bytes())
+    crate::secret::sha256_hex(format!("{token}{request_time}").as_bytes())
 }
 
 /// An entry of `SubscribeAccountList` that could not be used.
