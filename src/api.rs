@@ -291,11 +291,22 @@ async fn read_change(request: Request) -> Result<Change, HttpError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Change::default());
     }
-    serde_json::from_slice(&body).map_err(|e| {
-        HttpError::bad_request(format!(
-            "body must be empty or {{\"reason\": \"…\", \"note\": \"…\"}}: {e}"
-        ))
-    })
+    parse_object(
+        &body,
+        "body must be empty or {\"reason\": \"…\", \"note\": \"…\"}",
+    )
+}
+
+/// Parses a JSON object body; `expected` says what it should have been. serde would read a
+/// struct from a JSON array too (`[reason, note]`), so anything but an object is refused first.
+fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8], expected: &str) -> Result<T, HttpError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(body)
+            .map_err(|e| HttpError::bad_request(format!("{expected}: {e}"))),
+        _ => Err(HttpError::bad_request(format!(
+            "{expected}: not a JSON object"
+        ))),
+    }
 }
 
 /// Records an operator's change as an event at the current time, kept in the history with who
@@ -540,9 +551,7 @@ enum CheckResult<'a> {
 
 async fn check(state: &AppState, request: Request) -> Result<Response, HttpError> {
     let body = read_body(request, MAX_CHECK_BODY).await?;
-    let parsed: CheckRequest<'_> = serde_json::from_slice(&body).map_err(|e| {
-        HttpError::bad_request(format!("body must be {{\"phones\": [\"...\"]}}: {e}"))
-    })?;
+    let parsed: CheckRequest<'_> = parse_object(&body, "body must be {\"phones\": [\"...\"]}")?;
     let entries = parsed.phones.len() + parsed.accounts.len();
     if entries > MAX_CHECK_ENTRIES {
         let field = if parsed.accounts.is_empty() {

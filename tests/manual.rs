@@ -110,6 +110,21 @@ async fn manual_suppressions_and_their_lifts() {
     assert_eq!(wrong.status, 405);
     assert_eq!(wrong.headers["allow"], "GET, PUT, DELETE");
     assert_eq!(server.api("PUT", path, "{not json").await.status, 400);
+    // serde would read `[reason, note]` as the struct; the API takes objects only, and an
+    // array changes nothing.
+    let array = server
+        .api("PUT", "/v1/phones/+4930555222", "[null, null]")
+        .await;
+    assert_eq!(array.status, 400, "{}", array.text);
+    assert!(array.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a JSON object"));
+    assert_eq!(
+        server.get("/v1/phones/+4930555222").await.json()["suppressed"],
+        false
+    );
+    assert_eq!(server.api("POST", "/v1/check", "[]").await.status, 400);
 }
 
 /// The `suppressd_suppressed_subjects` gauges: (phones, accounts).
