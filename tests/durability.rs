@@ -264,3 +264,41 @@ async fn a_store_that_cannot_write_answers_500() {
     }
     assert!(server.metric("suppressd_webhook_requests_total{source=\"lox24\",outcome=\"rejected\",status=\"500\"}").await >= 1.0);
 }
+
+/// A data directory on a read-only filesystem: one line that names the cause, exit 3 (the
+/// database), never a service that runs and silently acknowledges nothing. (A filesystem cannot
+/// be remounted read-only here while the service holds files open for writing, so the running
+/// case is the full disk above.)
+#[test]
+fn a_read_only_data_dir_is_refused_at_start_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount_point = dir.path().join("ro");
+    let Some(_tmpfs) = Tmpfs::mount(&mount_point, "8m") else {
+        eprintln!("SKIPPED a_read_only_data_dir_is_refused_at_start: mounting a tmpfs needs root");
+        return;
+    };
+    let data = mount_point.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&mount_point)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    let data = data.to_str().unwrap();
+    let (status, stderr) = common::run_to_exit(&[
+        "serve",
+        "--data-dir",
+        data,
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.contains("cannot open database") && last.contains("Read-only file system"),
+        "{stderr}"
+    );
+}
