@@ -9,3 +9,5 @@ function init(args)
   wrk.body = '{"phones":[' .. table.concat(numbers, ",") .. ']}'
   wrk.headers["Content-Type"] = "application/json"
 end
+
+dofile("benches/percentiles.lua")

@@ -14,3 +14,5 @@ function request()
   i = i % 10000 + 1
   return wrk.format("GET", paths[i])
 end
+
+dofile("benches/percentiles.lua")

@@ -13,7 +13,17 @@ function init(args)
   wrk.headers["Content-Type"] = "application/json"
 end
 
+-- RETRY_EVERY=n resends every n-th request's body unchanged, as a provider's retry would: it
+-- must be answered 200 ("duplicate") and change nothing.
+local retry_every = tonumber(os.getenv("RETRY_EVERY") or "0")
+local last = nil
+
 function request()
+  if retry_every > 0 and last ~= nil and counter % retry_every == 0 then
+    local again = last
+    last = nil
+    return again
+  end
   counter = counter + 1
   local n = tag * 100000000 + counter
   local id = string.format("%08x-0000-4000-8000-%012x", tag, counter)
@@ -23,7 +33,8 @@ function request()
     '"user_id":2,"created_at":1757849748,"campaign_code":"3KCKb5nMD","additional_data":{"reason":' ..
     '{"id":4,"label":"Es ist unverständlich"},"additional_text":"zusätzlicher Benutzertext"},' ..
     '"short_link_code":"baaIou","unsubscribe_request_id":59}}', id, phone)
-  return wrk.format("POST", "/webhooks/lox24", nil, body)
+  last = wrk.format("POST", "/webhooks/lox24", nil, body)
+  return last
 end
 
 function response(status, headers, body)
@@ -31,3 +42,5 @@ function response(status, headers, body)
     io.stderr:write("unexpected status " .. status .. ": " .. body .. "\n")
   end
 end
+
+dofile("benches/percentiles.lua")
