@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{run_to_exit, Options, Server};
+use common::{run_to_exit, Options, Server, Tmpfs};
 
 /// `serve` on `data` with ephemeral loopback webhooks and the given API address.
 fn serve_args<'a>(data: &'a str, api_listen: &'a str) -> [&'a str; 7] {
@@ -210,4 +210,31 @@ async fn world_readable_secret_is_warned_about_and_never_logged() {
         !logs.contains("a-wrong-guess"),
         "a presented credential was logged"
     );
+}
+
+/// A data directory on a read-only filesystem: one line that names the cause, exit 3 (the
+/// database), never a service that runs and silently acknowledges nothing. (A filesystem cannot
+/// be remounted read-only here while the service holds files open for writing, so the running
+/// case is the full disk in tests/durability.rs.)
+#[test]
+fn a_read_only_data_dir_is_refused_at_start_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount_point = dir.path().join("ro");
+    let Some(_tmpfs) = Tmpfs::mount(&mount_point, "8m") else {
+        eprintln!("SKIPPED a_read_only_data_dir_is_refused_at_start: mounting a tmpfs needs root");
+        return;
+    };
+    let data = mount_point.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&mount_point)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    let code = assert_refused(
+        &serve_args(data.to_str().unwrap(), "127.0.0.1:0"),
+        "Read-only file system",
+    );
+    assert_eq!(code, Some(3));
 }

@@ -566,3 +566,29 @@ pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     (status, stderr)
 }
+
+/// Unmounts the scratch tmpfs when the test ends, after the server using it is gone.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// A small tmpfs, or `None` where this user may not mount (the test then says so).
+    pub fn mount(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
