@@ -15,20 +15,10 @@ DURATION=${DURATION:-20}
 if ! command -v wrk >/dev/null 2>&1 || ! command -v nginx >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq wrk nginx
 fi
-cargo build --release --locked -q
-
-work=$(mktemp -d)
+source benches/serve.sh
+bench_setup
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; nginx -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"' EXIT
-export BENCH_SECRET=bench-secret
-printf '%s\n' "$BENCH_SECRET" > "$work/lox24.secret"
-chmod 600 "$work/lox24.secret"
-./target/release/suppressd serve --data-dir "$work/data" \
-  --webhook-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
-  --lox24-secret-file "$work/lox24.secret" 2> "$work/log" &
-pid=$!
-for _ in $(seq 100); do grep -q "suppressd ready" "$work/log" && break; sleep 0.1; done
-webhook=$(grep -o 'webhook=[0-9.:]*' "$work/log" | cut -d= -f2)
-api=$(grep -o 'api=[0-9.:]*' "$work/log" | cut -d= -f2)
+bench_start
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 # The disk's synchronous-write latency bounds durable deliveries; on a shared VM it drifts.

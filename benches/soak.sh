@@ -16,24 +16,10 @@ SECONDS_TOTAL=${SOAK_SECONDS:-600}
 CACHE_MB=${CACHE_MB:-256}
 
 command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
-cargo build --release --locked -q
-
-work=$(mktemp -d)
-pid=
+source benches/serve.sh
+bench_setup
 trap 'kill -9 "$pid" 2>/dev/null || true; kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work"' EXIT
-export BENCH_SECRET=bench-secret
-printf '%s\n' "$BENCH_SECRET" > "$work/lox24.secret"
-chmod 600 "$work/lox24.secret"
-
-start() {
-  ./target/release/suppressd serve --data-dir "$work/data" --cache-mb "$CACHE_MB" \
-    --webhook-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
-    --lox24-secret-file "$work/lox24.secret" 2> "$work/log" &
-  pid=$!
-  for _ in $(seq 600); do grep -q "suppressd ready" "$work/log" && break; sleep 0.1; done
-  webhook=$(grep -o 'webhook=[0-9.:]*' "$work/log" | cut -d= -f2)
-  api=$(grep -o 'api=[0-9.:]*' "$work/log" | cut -d= -f2)
-}
+start() { bench_start --cache-mb "$CACHE_MB"; }
 rss_mb() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$pid/status"; }
 suppressed_phones() {
   curl -s "http://$api/metrics" | awk '/^suppressd_suppressed_subjects\{type="phone"\}/ {print $2}'
