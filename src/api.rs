@@ -138,7 +138,13 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
     }
     match endpoint {
         None => Err(HttpError::NotFound),
-        Some(Endpoint::Health) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        Some(Endpoint::Health) if state.store.is_open() => {
+            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+        }
+        Some(Endpoint::Health) => Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "unavailable", "error": "the database is closed after a storage failure; it is reopened once the data directory takes writes again"}),
+        )),
         Some(Endpoint::Metrics) => {
             let text = state.metrics.render(
                 state.store.size_on_disk().ok(),

@@ -56,7 +56,9 @@ impl HttpError {
             HttpError::TooManyAuthFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            HttpError::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Store(StoreError::Closed | StoreError::Reopening) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             HttpError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,6 +99,11 @@ impl HttpError {
                 response
                     .headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            HttpError::Store(StoreError::Reopening) => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -74,6 +74,7 @@ pub struct Metrics {
     api_latency: Histogram,
     flush_latency: Histogram,
     write_failures: AtomicU64,
+    reopens: AtomicU64,
     flushed_requests: AtomicU64,
 }
 
@@ -150,6 +151,11 @@ impl Metrics {
         self.write_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The database was reopened after a storage failure.
+    pub fn store_reopened(&self) {
+        self.reopens.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// `suppressed` is (phones, accounts) suppressed now.
     pub fn render(&self, size_on_disk: Option<u64>, suppressed: (u64, u64)) -> String {
         let mut out = String::with_capacity(4096);
@@ -221,6 +227,13 @@ impl Metrics {
             "counter",
             "Group commits that could not be applied or made durable (nothing in them was acknowledged).",
             self.write_failures.load(Ordering::Relaxed),
+        );
+        render_value(
+            &mut out,
+            "suppressd_store_reopens_total",
+            "counter",
+            "Times the database was reopened to recover from a storage failure (a full disk, an I/O error).",
+            self.reopens.load(Ordering::Relaxed),
         );
         render_value(
             &mut out,

@@ -169,12 +169,13 @@ async fn concurrent_deliveries_share_flushes() {
 }
 
 /// A full disk makes deliveries fail with 500 (so the provider retries) and lookups keep
-/// answering.
+/// answering; once space returns, the store reopens itself and retries succeed, with every
+/// acknowledged event still there, also after a restart.
 #[tokio::test]
-async fn a_store_that_cannot_write_answers_500() {
+async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let Some(_tmpfs) = Tmpfs::mount(&dir.path().join("data"), "48m") else {
-        eprintln!("SKIPPED a_store_that_cannot_write_answers_500: mounting a tmpfs needs root");
+        eprintln!("SKIPPED a_full_disk_answers_500_and_the_store_recovers_when_space_returns: mounting a tmpfs needs root");
         return;
     };
     let server = Server::start_in(
@@ -210,11 +211,11 @@ async fn a_store_that_cannot_write_answers_500() {
             ))
             .await;
         if reply.status != 200 {
-            failed = Some(reply);
+            failed = Some((i, reply));
             break;
         }
     }
-    let failed = failed.expect("a full disk never failed a delivery");
+    let (failed_at, failed) = failed.expect("a full disk never failed a delivery");
     assert_eq!(failed.status, 500);
     assert!(failed.json()["error"]
         .as_str()
@@ -237,4 +238,58 @@ async fn a_store_that_cannot_write_answers_500() {
         assert_eq!(record["suppressed"], false, "{account}");
     }
     assert!(server.metric("suppressd_webhook_requests_total{source=\"lox24\",outcome=\"rejected\",status=\"500\"}").await >= 1.0);
+    let acknowledged: Vec<usize> = (0..500).filter(|&i| i == 0 || i < failed_at).collect();
+
+    // Space returns: the provider's retries of the refused deliveries go through again.
+    drop(filler);
+    std::fs::remove_file(dir.path().join("data/filler")).unwrap();
+    let retry = lox24_event(
+        &uuid_for(7, failed_at),
+        &phone_for(7, failed_at),
+        1_700_000_000,
+    );
+    let mut recovered = false;
+    for _ in 0..150 {
+        match server.try_lox24(retry.clone()).await {
+            Some(200) => {
+                recovered = true;
+                break;
+            }
+            Some(500 | 503) | None => tokio::time::sleep(Duration::from_millis(100)).await,
+            Some(other) => panic!("retry answered {other}"),
+        }
+    }
+    assert!(
+        recovered,
+        "no delivery succeeded after space returned:\n{}",
+        server.logs()
+    );
+    assert!(server.metric("suppressd_store_reopens_total").await >= 1.0);
+    assert!(server
+        .logs()
+        .contains("database reopened; writes are accepted again"));
+    assert_eq!(server.get("/healthz").await.status, 200);
+    assert_eq!(server.sendios(batch.to_string()).await.status, 200);
+    let mut server = server;
+    for round in 0..2 {
+        for &i in acknowledged.iter().chain([&failed_at]) {
+            let lookup = server.get(&format!("/v1/phones/{}", phone_for(7, i))).await;
+            assert_eq!(
+                lookup.json()["suppressed"],
+                true,
+                "number {i}, round {round}"
+            );
+        }
+        for account in ["first", "second"] {
+            let history = server
+                .get(&format!("/v1/accounts/sendios:5/{account}/history"))
+                .await
+                .json();
+            let events = history["events"].as_array().unwrap();
+            assert_eq!(events.len(), 1, "{account}, round {round}");
+        }
+        // What the recovered store acknowledged is on disk: it survives a restart.
+        assert!(server.terminate().success(), "{}", server.logs());
+        server.restart();
+    }
 }

@@ -18,20 +18,27 @@
 //! harmless). A retry may then find its event already applied in memory and be told
 //! "duplicate", so after a failure nothing more is acknowledged until a checkpoint has made all
 //! of memory durable.
+//!
+//! sled's own errors are sticky: once a write failed, the checkpoint fails too, for good. Then
+//! the syncer reopens the database (see [`super::database`]) as soon as the data directory takes
+//! writes again, tried at most every [`REOPEN_RETRY`] while requests keep coming. Requests applied
+//! to the database that was closed are answered with an error: their effects died with it.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::database::{Database, Slot};
 use super::index::PhoneIndex;
 use super::record::Rules;
 use super::wal::Wal;
 use super::{
     history_key, phone_of_record_key, record_key, seen_key, subject_key, Outcome, Record,
-    StoreError, StoredEvent,
+    StoreConfig, StoreError, StoredEvent,
 };
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -43,6 +50,16 @@ const SYNC_QUEUE: usize = 4;
 /// A checkpoint empties the WAL once it is this large or this old, bounding replay time.
 const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// After a storage failure, how often requests may trigger an attempt to reopen the database.
+const REOPEN_RETRY: Duration = Duration::from_secs(2);
+/// Free space the data directory needs before a reopen is tried: sled writes as it recovers.
+const REOPEN_MIN_FREE: u64 = 8 * 1024 * 1024;
+/// How long a reopen waits for readers (an export) to let go of the old database.
+const READERS_PATIENCE: Duration = Duration::from_secs(10);
+/// How long the committer holds requests while the database is being reopened.
+const REOPEN_PATIENCE: Duration = Duration::from_secs(30);
+/// sled releases its file lock once its background threads have wound down.
+const LOCK_PATIENCE: Duration = Duration::from_secs(5);
 
 pub(super) type Reply = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
 
@@ -59,15 +76,18 @@ pub(super) enum Job {
 /// Requests whose writes are applied and now wait for the WAL, with what each will be told.
 #[derive(Default)]
 struct Applied {
+    /// The database generation the writes went to; `None` when there was none to write to.
+    generation: Option<u64>,
+    /// sled refused the writes: the syncer must checkpoint (or reopen) before acknowledging.
+    write_failed: bool,
     /// Events of the requests that were applied, in order, for the WAL.
     events: Vec<Event>,
     replies: Vec<(Reply, Result<Vec<Outcome>, StoreError>)>,
 }
 
 /// Computes and applies writes; used by the committer and by WAL replay at open.
+#[derive(Clone)]
 pub(super) struct Applier {
-    pub db: sled::Db,
-    pub tree: sled::Tree,
     pub rules: Rules,
     /// Kept in step with every phone record written.
     pub phones: Arc<PhoneIndex>,
@@ -75,35 +95,39 @@ pub(super) struct Applier {
     pub suppressed_accounts: Arc<std::sync::atomic::AtomicI64>,
 }
 
-/// The sled side of durability: flushing the tree and fsyncing its log file.
-pub(super) struct Checkpointer {
-    pub db: sled::Db,
-    /// sled's log file; its flush only does sync_file_range, so we fsync it ourselves.
-    pub log_file: File,
-}
-
-impl Checkpointer {
-    pub fn make_durable(&self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
-        self.log_file.sync_data()
-    }
+/// What the two stages share: the rules, the database, the WAL and where they live.
+pub(super) struct Pipeline {
+    pub applier: Applier,
+    pub database: Arc<Slot>,
+    pub wal: Wal,
+    pub config: StoreConfig,
 }
 
 pub(super) fn spawn(
-    applier: Applier,
-    checkpointer: Checkpointer,
-    wal: Wal,
+    pipeline: Pipeline,
     jobs: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let (applied, to_sync) = std::sync::mpsc::sync_channel::<Applied>(SYNC_QUEUE);
     let committer_metrics = metrics.clone();
-    let syncer = Syncer {
-        checkpointer,
+    let Pipeline {
+        applier,
+        database,
         wal,
+        config,
+    } = pipeline;
+    let syncer = Syncer {
+        applier: applier.clone(),
+        generation: database.generation().unwrap_or(0),
+        database: database.clone(),
+        wal,
+        config,
         metrics,
         last_checkpoint: Instant::now(),
         must_checkpoint: false,
+        last_reopen: None,
+        told_waiting: false,
+        sync_failures: FailureRun::default(),
     };
     let syncer = std::thread::Builder::new()
         .name("store-syncer".into())
@@ -111,7 +135,7 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("store-committer".into())
         .spawn(move || {
-            run_committer(&applier, jobs, applied, &committer_metrics);
+            run_committer(&applier, &database, jobs, applied, &committer_metrics);
             // The syncer ends once the committer's sender is dropped and it has answered all.
             if syncer.join().is_err() {
                 tracing::error!("store syncer panicked");
@@ -121,12 +145,14 @@ pub(super) fn spawn(
 
 fn run_committer(
     applier: &Applier,
+    slot: &Slot,
     mut jobs: mpsc::Receiver<Job>,
     syncer: std::sync::mpsc::SyncSender<Applied>,
     metrics: &Metrics,
 ) {
     let mut batch: Vec<(Vec<Event>, Reply)> = Vec::new();
     let mut barriers = Vec::new();
+    let mut write_failures = FailureRun::default();
     let mut stopping = false;
     while !stopping {
         let Some(mut job) = jobs.blocking_recv() else {
@@ -146,12 +172,34 @@ fn run_committer(
                 Err(_) => break,
             }
         }
-        let applied = applier.apply_requests(&mut batch, metrics);
-        for barrier in barriers.drain(..) {
-            if let Ok(sequence) = applier.db.generate_id() {
-                let _ = barrier.send(sequence);
+        // The database is let go of before waiting on the syncer, which may be reopening it.
+        let applied = match slot.wait(REOPEN_PATIENCE) {
+            Ok(database) => {
+                let applied =
+                    applier.apply_requests(&database, &mut batch, metrics, &mut write_failures);
+                for barrier in barriers.drain(..) {
+                    if let Ok(sequence) = database.db.generate_id() {
+                        let _ = barrier.send(sequence);
+                    }
+                }
+                applied
             }
-        }
+            Err(e) => {
+                metrics.store_write_failed();
+                write_failures.failed("store write", batch.len(), &e);
+                // A barrier dropped unanswered tells its waiter the store is not working.
+                barriers.clear();
+                Applied {
+                    generation: None,
+                    write_failed: true,
+                    events: Vec::new(),
+                    replies: batch
+                        .drain(..)
+                        .map(|(_, reply)| (reply, Err(StoreError::Unavailable(e.to_string()))))
+                        .collect(),
+                }
+            }
+        };
         if syncer.send(applied).is_err() {
             tracing::error!("store syncer is gone; stopping the committer");
             break;
@@ -160,21 +208,31 @@ fn run_committer(
 }
 
 impl Applier {
-    fn apply_requests(&self, batch: &mut Vec<(Vec<Event>, Reply)>, metrics: &Metrics) -> Applied {
+    fn apply_requests(
+        &self,
+        database: &Database,
+        batch: &mut Vec<(Vec<Event>, Reply)>,
+        metrics: &Metrics,
+        failures: &mut FailureRun,
+    ) -> Applied {
         let mut pending = Pending::default();
         let results: Vec<_> = batch
             .iter()
-            .map(|(events, _)| self.plan(events, &mut pending))
+            .map(|(events, _)| self.plan(database, events, &mut pending))
             .collect();
-        let written = self.write(pending);
-        if let Err(e) = &written {
-            metrics.store_write_failed();
-            tracing::error!(
-                requests = batch.len(),
-                "store write failed, nothing in this batch is acknowledged: {e}"
-            );
+        let written = self.write(database, pending);
+        match &written {
+            Ok(()) => failures.ended("store writes"),
+            Err(e) => {
+                metrics.store_write_failed();
+                failures.failed("store write", batch.len(), e);
+            }
         }
-        let mut applied = Applied::default();
+        let mut applied = Applied {
+            generation: Some(database.generation),
+            write_failed: written.is_err(),
+            ..Applied::default()
+        };
         for ((events, reply), result) in batch.drain(..).zip(results) {
             let result = match (&written, result) {
                 (Err(e), _) => Err(StoreError::Sled(e.clone())),
@@ -190,14 +248,14 @@ impl Applier {
     }
 
     /// Re-applies events recovered from the WAL; those sled already has are duplicates.
-    pub fn replay(&self, events: &[Event]) -> Result<(), StoreError> {
+    pub fn replay(&self, database: &Database, events: &[Event]) -> Result<(), StoreError> {
         let mut pending = Pending::default();
-        self.plan(events, &mut pending)?;
-        Ok(self.write(pending)?)
+        self.plan(database, events, &mut pending)?;
+        Ok(self.write(database, pending)?)
     }
 
     /// Applies one batch's writes atomically.
-    fn write(&self, pending: Pending) -> Result<(), sled::Error> {
+    fn write(&self, database: &Database, pending: Pending) -> Result<(), sled::Error> {
         if pending.writes.is_empty() {
             return Ok(());
         }
@@ -210,7 +268,7 @@ impl Applier {
             }
             batch.insert(key, value);
         }
-        self.tree.apply_batch(batch)?;
+        database.tree.apply_batch(batch)?;
         for (number, value) in phones {
             self.phones.update(number, &value);
         }
@@ -220,18 +278,23 @@ impl Applier {
     }
 
     /// Computes one request's writes into `pending`; on error, `pending` is left as it was.
-    fn plan(&self, events: &[Event], pending: &mut Pending) -> Result<Vec<Outcome>, StoreError> {
+    fn plan(
+        &self,
+        database: &Database,
+        events: &[Event],
+        pending: &mut Pending,
+    ) -> Result<Vec<Outcome>, StoreError> {
         let mut mine = Pending::default();
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
             let seen = seen_key(&event.idempotency_key);
-            if mine.get(&seen, pending, &self.tree)?.is_some() {
+            if mine.get(&seen, pending, &database.tree)?.is_some() {
                 outcomes.push(Outcome::Duplicate);
                 continue;
             }
             let subject = subject_key(&event.subject);
             let record_key = record_key(&subject);
-            let mut record = match mine.get(&record_key, pending, &self.tree)? {
+            let mut record = match mine.get(&record_key, pending, &database.tree)? {
                 Some(bytes) => Record::decode(&bytes)?,
                 None => Record::default(),
             };
@@ -244,7 +307,8 @@ impl Applier {
                 }
                 mine.put(record_key, record.encode());
             }
-            let history_key = history_key(&subject, event.event_time_ms, self.db.generate_id()?);
+            let sequence = database.db.generate_id()?;
+            let history_key = history_key(&subject, event.event_time_ms, sequence);
             let stored = StoredEvent {
                 event: event.clone(),
                 applied,
@@ -264,44 +328,72 @@ impl Applier {
 }
 
 struct Syncer {
-    checkpointer: Checkpointer,
+    applier: Applier,
+    database: Arc<Slot>,
+    /// The database generation this stage has recovered into; applies to older ones are void.
+    generation: u64,
     wal: Wal,
+    config: StoreConfig,
     metrics: Arc<Metrics>,
     last_checkpoint: Instant,
     /// Set after a failure: memory may hold unacknowledged writes that a "duplicate" answer
-    /// would vouch for, so only a full checkpoint may acknowledge again.
+    /// would vouch for, so only a full checkpoint (or a reopen) may acknowledge again.
     must_checkpoint: bool,
+    last_reopen: Option<Instant>,
+    /// Whether "waiting for the data directory to take writes" was already logged.
+    told_waiting: bool,
+    sync_failures: FailureRun,
+}
+
+/// How the requests of a batch stand once the syncer is done with it.
+enum Durability {
+    /// Their writes are durable: answer as computed.
+    Durable,
+    /// The database was reopened: their writes went to the one that was closed.
+    Reopened,
 }
 
 impl Syncer {
     fn run(mut self, applied: std::sync::mpsc::Receiver<Applied>) {
-        while let Ok(mut waiting) = applied.recv() {
-            while let Ok(more) = applied.try_recv() {
-                waiting.events.extend(more.events);
-                waiting.replies.extend(more.replies);
+        while let Ok(first) = applied.recv() {
+            let mut waiting = Applied::default();
+            for batch in std::iter::once(first).chain(applied.try_iter()) {
+                self.must_checkpoint |= batch.write_failed;
+                if batch.generation.is_some_and(|g| g != self.generation) {
+                    answer(batch.replies, Durability::Reopened);
+                    continue;
+                }
+                waiting.events.extend(batch.events);
+                waiting.replies.extend(batch.replies);
             }
+            // When every request already failed to apply, a failed sync costs nobody anything
+            // and was counted and logged as a write failure.
+            let at_stake = waiting.replies.iter().any(|(_, result)| result.is_ok());
             let started = Instant::now();
             let durable = self.make_durable(&waiting.events);
-            self.metrics
-                .store_flushed(started.elapsed(), waiting.replies.len(), durable.is_ok());
-            if let Err(e) = &durable {
-                self.must_checkpoint = true;
-                tracing::error!(
-                    requests = waiting.replies.len(),
-                    "store sync failed, nothing in this batch is acknowledged: {e}"
+            if at_stake || durable.is_ok() {
+                self.metrics.store_flushed(
+                    started.elapsed(),
+                    waiting.replies.len(),
+                    durable.is_ok(),
                 );
             }
-            for (reply, result) in waiting.replies {
-                let answer = match &durable {
-                    Ok(()) => result,
-                    Err(e) => Err(StoreError::Sync(std::io::Error::new(
-                        e.kind(),
-                        e.to_string(),
-                    ))),
-                };
-                // The requester may have gone away (client disconnected); its events are
-                // durable all the same.
-                let _ = reply.send(answer);
+            match durable {
+                Ok(durability) => {
+                    self.sync_failures.ended("store syncs");
+                    answer(waiting.replies, durability);
+                }
+                Err(e) => {
+                    self.must_checkpoint = true;
+                    if at_stake {
+                        self.sync_failures
+                            .failed("store sync", waiting.replies.len(), &e);
+                    }
+                    for (reply, _) in waiting.replies {
+                        let error = std::io::Error::new(e.kind(), e.to_string());
+                        let _ = reply.send(Err(StoreError::Sync(error)));
+                    }
+                }
             }
             let due = self.wal.len() >= CHECKPOINT_BYTES
                 || (self.wal.len() > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
@@ -316,24 +408,39 @@ impl Syncer {
         }
     }
 
-    fn make_durable(&mut self, events: &[Event]) -> std::io::Result<()> {
+    fn make_durable(&mut self, events: &[Event]) -> std::io::Result<Durability> {
         if self.must_checkpoint {
-            self.checkpoint()?;
+            let checkpointed = self.checkpoint();
+            if checkpointed.is_ok() {
+                self.must_checkpoint = false;
+                return Ok(Durability::Durable);
+            }
+            let due = self
+                .last_reopen
+                .is_none_or(|last| last.elapsed() >= REOPEN_RETRY);
+            if !due {
+                return checkpointed.map(|()| Durability::Durable);
+            }
+            self.reopen().map_err(std::io::Error::other)?;
             self.must_checkpoint = false;
-            return Ok(());
+            return Ok(Durability::Reopened);
         }
         if events.is_empty() {
-            return Ok(());
+            return Ok(Durability::Durable);
         }
         let events: Vec<&Event> = events.iter().collect();
-        self.wal.append(&events)
+        self.wal.append(&events)?;
+        Ok(Durability::Durable)
     }
 
     /// Makes sled's state durable on its own, then empties the WAL.
     fn checkpoint(&mut self) -> std::io::Result<()> {
         let started = Instant::now();
         let wal_bytes = self.wal.len();
-        self.checkpointer.make_durable()?;
+        self.database
+            .get()
+            .map_err(std::io::Error::other)?
+            .make_durable()?;
         self.wal.clear()?;
         self.last_checkpoint = Instant::now();
         tracing::debug!(
@@ -343,6 +450,113 @@ impl Syncer {
         );
         Ok(())
     }
+
+    /// Closes the failed database and opens it again, recovering it as a start would, once the
+    /// data directory takes writes.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        self.last_reopen = Some(Instant::now());
+        if let Err(e) = probe_writable(&self.config.dir) {
+            if !self.told_waiting {
+                tracing::warn!(
+                    "the data directory does not take writes yet ({e}); the database is reopened once it does"
+                );
+                self.told_waiting = true;
+            }
+            return Err(StoreError::Sync(e));
+        }
+        self.told_waiting = false;
+        tracing::warn!("reopening the database to recover from the storage failure");
+        let started = Instant::now();
+        drop(self.database.take(READERS_PATIENCE)?);
+        let generation = self.generation + 1;
+        let deadline = Instant::now() + LOCK_PATIENCE;
+        let recovered = loop {
+            match super::recover(&self.config, generation, &self.applier) {
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        match recovered {
+            Ok((database, wal)) => {
+                self.wal = wal;
+                self.generation = generation;
+                self.last_checkpoint = Instant::now();
+                self.database.install(database);
+                self.metrics.store_reopened();
+                tracing::warn!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "database reopened; writes are accepted again"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("reopening the database failed: {e}");
+                self.database.fail(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A run of failed batches is logged when it starts and when it ends, not once per batch: a
+/// full disk under a steady stream of retries would otherwise fill the journal too.
+#[derive(Default)]
+struct FailureRun {
+    failures: u64,
+}
+
+impl FailureRun {
+    fn failed(&mut self, what: &str, requests: usize, error: &dyn std::fmt::Display) {
+        if self.failures == 0 {
+            tracing::error!(
+                requests,
+                "{what} failed, nothing in this batch is acknowledged: {error}; until one succeeds, further failures are only counted (suppressd_store_write_failures_total)"
+            );
+        } else {
+            tracing::debug!(requests, "{what} failed again: {error}");
+        }
+        self.failures += 1;
+    }
+
+    fn ended(&mut self, what: &str) {
+        if self.failures > 0 {
+            tracing::warn!(failed_batches = self.failures, "{what} succeed again");
+            self.failures = 0;
+        }
+    }
+}
+
+/// Sends each request its answer; after a reopen, what would have succeeded is refused.
+fn answer(replies: Vec<(Reply, Result<Vec<Outcome>, StoreError>)>, durability: Durability) {
+    for (reply, result) in replies {
+        let result = match durability {
+            Durability::Durable => result,
+            Durability::Reopened => result.and(Err(StoreError::Reopened)),
+        };
+        // The requester may have gone away (client disconnected); its events are durable all
+        // the same.
+        let _ = reply.send(result);
+    }
+}
+
+/// Whether the data directory has room and takes a synced write again.
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let free = fs2::available_space(dir)?;
+    if free < REOPEN_MIN_FREE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("{free} bytes free, {REOPEN_MIN_FREE} needed"),
+        ));
+    }
+    let probe = dir.join(".write-probe");
+    let written = std::fs::File::create(&probe).and_then(|mut file| {
+        file.write_all(&[0; 4096])?;
+        file.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    written
 }
 
 /// Writes computed but not yet applied: later requests of a batch read through them.

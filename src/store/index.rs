@@ -1,10 +1,11 @@
 //! An in-memory index of the suppressed phone numbers, for bulk checks at campaign scale.
 //!
 //! sled stays the source of truth; this is a derived view that the committer updates right after
-//! every batch it applies, and that is rebuilt from sled at open. It maps the digits of a
-//! suppressed E.164 number (at most 15, so they fit a `u64`) to its `since`; a number that is not
-//! in it is not suppressed. About 20–40 bytes per suppressed number, against one sled point read
-//! (a tree descent plus cache bookkeeping) per number without it.
+//! every batch it applies, and that is rebuilt from sled at open (and when the database is
+//! reopened after a storage failure). It maps the digits of a suppressed E.164 number (at most
+//! 15, so they fit a `u64`) to its `since`; a number that is not in it is not suppressed. About
+//! 20–40 bytes per suppressed number, against one sled point read (a tree descent plus cache
+//! bookkeeping) per number without it.
 //!
 //! Sharded so that a bulk check and the committer never wait for each other for long.
 
@@ -71,6 +72,15 @@ impl PhoneIndex {
             _ => {
                 shard.remove(&number);
             }
+        }
+    }
+
+    /// Takes over `other`'s contents, shard by shard: a reader sees each shard either as it was
+    /// or as it is in `other`, never half-filled.
+    pub fn replace(&self, other: PhoneIndex) {
+        for (shard, new) in self.shards.iter().zip(other.shards) {
+            let new = new.into_inner().unwrap_or_else(|p| p.into_inner());
+            *shard.write().unwrap_or_else(|p| p.into_inner()) = new;
         }
     }
 

@@ -15,12 +15,12 @@
 //! commit). That is what lets webhooks promise "no 2xx before durable".
 
 mod committer;
+mod database;
 mod index;
 pub mod record;
 mod wal;
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,11 +74,19 @@ pub enum StoreError {
     CorruptHistory(serde_json::Error),
     #[error("the store is shutting down")]
     Closed,
+    #[error("the database is being reopened after a storage failure; retry shortly")]
+    Reopening,
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the database was reopened after a storage failure before this request was durable")]
+    Reopened,
 }
 
 /// An iterator over `(subject, events in arrival order)` of a consistent snapshot.
 pub struct Snapshot {
     entries: sled::Iter,
+    /// Held so that a reopen waits for the snapshot instead of finding sled's files locked.
+    _database: Arc<database::Database>,
     high_water: u64,
     /// The first entry of the next subject, read while finishing the previous one.
     pending: Option<(Vec<u8>, u64, StoredEvent)>,
@@ -182,8 +190,7 @@ pub struct StoreConfig {
 
 /// The open database. Cheap to share behind an `Arc`.
 pub struct Store {
-    db: sled::Db,
-    tree: sled::Tree,
+    database: Arc<database::Slot>,
     phones: Arc<index::PhoneIndex>,
     suppressed_accounts: Arc<AtomicI64>,
     committer: mpsc::Sender<committer::Job>,
@@ -202,71 +209,32 @@ impl Store {
     /// Opens (or creates) the database under `config.dir`, replays the write-ahead log, and
     /// starts the committer.
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
-        let sled_dir = config.dir.join("db");
-        let open_error = |source| StoreError::Open {
+        let applier = committer::Applier {
+            rules: config.rules,
+            phones: Arc::new(index::PhoneIndex::new()),
+            suppressed_accounts: Arc::new(AtomicI64::new(0)),
+        };
+        let (database, wal) = recover(config, 0, &applier)?;
+        let database = Arc::new(database::Slot::new(database));
+        let (phones, suppressed_accounts) =
+            (applier.phones.clone(), applier.suppressed_accounts.clone());
+        let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
+        let thread = committer::spawn(
+            committer::Pipeline {
+                applier,
+                database: database.clone(),
+                wal,
+                config: config.clone(),
+            },
+            receiver,
+            metrics,
+        )
+        .map_err(|source| StoreError::Open {
             path: config.dir.clone(),
             source,
-        };
-        std::fs::create_dir_all(&sled_dir).map_err(open_error)?;
-        let db = open_sled(&sled_dir, config.cache_bytes)?;
-        let tree = db
-            .open_tree("suppressions")
-            .map_err(|e| classify_open_error(&sled_dir, e))?;
-        let checkpointer = committer::Checkpointer {
-            db: db.clone(),
-            log_file: File::open(sled_dir.join("db")).map_err(open_error)?,
-        };
-        let phones = Arc::new(index::PhoneIndex::new());
-        let suppressed_accounts = Arc::new(AtomicI64::new(0));
-        let applier = committer::Applier {
-            db: db.clone(),
-            tree: tree.clone(),
-            rules: config.rules,
-            phones: phones.clone(),
-            suppressed_accounts: suppressed_accounts.clone(),
-        };
-        let recovered = wal::Wal::open(&config.dir.join("wal")).map_err(open_error)?;
-        let mut wal = recovered.wal;
-        if recovered.discarded > 0 {
-            tracing::warn!(
-                bytes = recovered.discarded,
-                "the write-ahead log ended in a torn record (a crash during a write that was never acknowledged); it was cut off"
-            );
-        }
-        if !recovered.batches.is_empty() {
-            for events in &recovered.batches {
-                applier.replay(events)?;
-            }
-            checkpointer.make_durable()?;
-            wal.clear()?;
-            tracing::info!(
-                records = recovered.batches.len(),
-                "replayed the write-ahead log"
-            );
-        }
-        let started = std::time::Instant::now();
-        // One pass over every record rebuilds both in-memory views.
-        let mut accounts = 0;
-        for entry in tree.scan_prefix([RECORD]) {
-            let (key, value) = entry?;
-            match phone_of_record_key(&key) {
-                Some(number) => phones.update(number, &value),
-                None => accounts += i64::from(record::decode_status(&value)?.suppressed),
-            }
-        }
-        suppressed_accounts.store(accounts, Ordering::Relaxed);
-        tracing::info!(
-            suppressed_phones = phones.len(),
-            suppressed_accounts = accounts,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "in-memory views built"
-        );
-        let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
-        let thread =
-            committer::spawn(applier, checkpointer, wal, receiver, metrics).map_err(open_error)?;
+        })?;
         Ok(Store {
-            db,
-            tree,
+            database,
             phones,
             suppressed_accounts,
             committer: sender,
@@ -306,8 +274,10 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         let high_water = answer.await.map_err(|_| StoreError::Closed)?;
+        let database = self.database.get()?;
         Ok(Snapshot {
-            entries: self.tree.scan_prefix([HISTORY]),
+            entries: database.tree.scan_prefix([HISTORY]),
+            _database: database,
             high_water,
             pending: None,
         })
@@ -315,12 +285,21 @@ impl Store {
 
     /// A subject's stored record bytes (see [`record::reasons_json`]), `None` if never seen.
     pub fn record_bytes(&self, subject: &Subject) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self.tree.get(record_key(&subject_key(subject)))?)
+        Ok(self
+            .database
+            .get()?
+            .tree
+            .get(record_key(&subject_key(subject)))?)
     }
 
     /// Whether a subject is suppressed, reading only the record's fixed header.
     pub fn status(&self, subject: &Subject) -> Result<Status, StoreError> {
-        match self.tree.get(record_key(&subject_key(subject)))? {
+        match self
+            .database
+            .get()?
+            .tree
+            .get(record_key(&subject_key(subject)))?
+        {
             Some(bytes) => Ok(record::decode_status(&bytes)?),
             None => Ok(Status::default()),
         }
@@ -339,7 +318,9 @@ impl Store {
 
     /// Every event received for a subject, oldest event time first.
     pub fn history(&self, subject: &Subject) -> Result<Vec<StoredEvent>, StoreError> {
-        self.tree
+        self.database
+            .get()?
+            .tree
             .scan_prefix(history_prefix(&subject_key(subject)))
             .values()
             .map(|value| {
@@ -366,7 +347,8 @@ impl Store {
             None => std::ops::Bound::Included(prefix.clone()),
         };
         let mut items = Vec::new();
-        for entry in self.tree.range((start, std::ops::Bound::Unbounded)) {
+        let database = self.database.get()?;
+        for entry in database.tree.range((start, std::ops::Bound::Unbounded)) {
             let (key, value) = entry?;
             if !key.starts_with(&prefix) {
                 break;
@@ -413,7 +395,12 @@ impl Store {
 
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.database.get()?.db.size_on_disk()?)
+    }
+
+    /// Whether the database is open (not being reopened after a storage failure).
+    pub fn is_open(&self) -> bool {
+        self.database.is_open()
     }
 
     /// Stops the committer once it has answered every request queued before this call; it
@@ -437,45 +424,62 @@ impl Store {
     }
 }
 
-fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
-    let sled_config = sled::Config::new()
-        .path(path)
-        .cache_capacity(cache_bytes)
-        .flush_every_ms(Some(500));
-    // A torn or corrupt log can make sled panic instead of returning an error; either way the
-    // operator gets one line saying the database is corrupt, not a backtrace.
-    let previous_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()));
-    std::panic::set_hook(previous_hook);
-    match opened {
-        Ok(result) => result.map_err(|e| classify_open_error(path, e)),
-        Err(panic) => {
-            let detail = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "sled panicked while recovering".into());
-            Err(StoreError::Corrupt {
-                path: path.to_path_buf(),
-                detail,
-            })
+/// Opens the database and brings it up to date, as at start and after a storage failure: sled
+/// recovers its own log, the WAL's records are replayed (idempotently) and checkpointed, and the
+/// in-memory views are rebuilt from the records. Returns the database and the emptied WAL.
+fn recover(
+    config: &StoreConfig,
+    generation: u64,
+    applier: &committer::Applier,
+) -> Result<(database::Database, wal::Wal), StoreError> {
+    let open_error = |source| StoreError::Open {
+        path: config.dir.clone(),
+        source,
+    };
+    let sled_dir = config.dir.join("db");
+    std::fs::create_dir_all(&sled_dir).map_err(open_error)?;
+    let database = database::Database::open(&sled_dir, config.cache_bytes, generation)?;
+    let recovered = wal::Wal::open(&config.dir.join("wal")).map_err(open_error)?;
+    let mut wal = recovered.wal;
+    if recovered.discarded > 0 {
+        tracing::warn!(
+            bytes = recovered.discarded,
+            "the write-ahead log ended in a torn record (a crash during a write that was never acknowledged); it was cut off"
+        );
+    }
+    if !recovered.batches.is_empty() {
+        for events in &recovered.batches {
+            applier.replay(&database, events)?;
+        }
+        database.make_durable()?;
+        wal.clear()?;
+        tracing::info!(
+            records = recovered.batches.len(),
+            "replayed the write-ahead log"
+        );
+    }
+    let started = std::time::Instant::now();
+    // One pass over every record rebuilds both in-memory views.
+    let phones = index::PhoneIndex::new();
+    let mut accounts = 0;
+    for entry in database.tree.scan_prefix([RECORD]) {
+        let (key, value) = entry?;
+        match phone_of_record_key(&key) {
+            Some(number) => phones.update(number, &value),
+            None => accounts += i64::from(record::decode_status(&value)?.suppressed),
         }
     }
-}
-
-fn classify_open_error(path: &Path, error: sled::Error) -> StoreError {
-    let path = path.to_path_buf();
-    match error {
-        sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
-            StoreError::Locked { path }
-        }
-        sled::Error::Io(source) => StoreError::Open { path, source },
-        other => StoreError::Corrupt {
-            path,
-            detail: other.to_string(),
-        },
-    }
+    applier.phones.replace(phones);
+    applier
+        .suppressed_accounts
+        .store(accounts, Ordering::Relaxed);
+    tracing::info!(
+        suppressed_phones = applier.phones.len(),
+        suppressed_accounts = accounts,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "in-memory views built"
+    );
+    Ok((database, wal))
 }
 
 /// The key of a subject in every tree. Each part carries its length so that no subject's key is
