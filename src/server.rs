@@ -5,15 +5,16 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::auth::{ApiTokens, FailureLimiter};
 use crate::metrics::Metrics;
@@ -56,7 +57,8 @@ pub struct Listeners {
     pub max_connections: usize,
     /// A client must send a request's headers within this time (slowloris protection). hyper
     /// starts the same timer whenever an HTTP/1 connection waits for its next request, so it is
-    /// also the idle keep-alive timeout.
+    /// also the idle keep-alive timeout; webhook connections (HTTP/2 too) are closed after this
+    /// long without a request in flight.
     pub header_read_timeout: Duration,
 }
 
@@ -83,7 +85,8 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Connections watch this to close gracefully; the connection slots tell when all have.
+    let (closing, close_requested) = watch::channel(false);
     let header_read_timeout = listeners.header_read_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -107,6 +110,7 @@ pub async fn run(
         .header_read_timeout(header_read_timeout)
         .max_header_size(MAX_HEADER_BYTES);
     let api_builder = Arc::new(api_builder);
+    let listeners_max = listeners.max_connections;
     let webhook_slots = Arc::new(Semaphore::new(listeners.max_connections));
     let api_slots = Arc::new(Semaphore::new(listeners.max_connections));
     let (mut webhook_refused, mut api_refused) = (0u64, 0u64);
@@ -156,37 +160,43 @@ pub async fn run(
             *refused_in_a_row = 0;
         }
         let _ = stream.set_nodelay(true);
-        let (state, watcher) = (state.clone(), graceful.watcher());
-        let service = service(side, state, peer.ip());
+        let mut close_requested = close_requested.clone();
+        let state = state.clone();
         match (side, &tls) {
-            (Side::Webhook, Some(tls)) => {
-                let (tls, builder) = (tls.acceptor(), builder.clone());
+            (Side::Webhook, tls) => {
+                let (tls, builder) = (tls.as_ref().map(|tls| tls.acceptor()), builder.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
-                    else {
-                        return;
+                    // HTTP/2 clients keep answering hyper's pings, so only the absence of
+                    // requests tells an idle connection from a live one.
+                    let activity = Arc::new(Activity::new());
+                    let service = service(side, state, peer.ip(), Some(activity.clone()));
+                    let idle = Some((activity, header_read_timeout));
+                    let Some(tls) = tls else {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service);
+                        return drive(connection, close_requested, idle, |c| c.graceful_shutdown())
+                            .await;
+                    };
+                    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream));
+                    let stream = tokio::select! {
+                        accepted = handshake => match accepted {
+                            Ok(Ok(stream)) => stream,
+                            _ => return,
+                        },
+                        _ = close_requested.changed() => return,
                     };
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    // Errors here are clients going away or speaking garbage; nothing to act on.
-                    let _ = watcher.watch(connection).await;
-                });
-            }
-            (Side::Webhook, None) => {
-                let builder = builder.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(connection).await;
+                    drive(connection, close_requested, idle, |c| c.graceful_shutdown()).await;
                 });
             }
             (Side::Api, _) => {
                 let builder = api_builder.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
+                    let service = service(side, state, peer.ip(), None);
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(connection).await;
+                    // HTTP/1 only: hyper's header read timeout already ends idle keep-alive.
+                    drive(connection, close_requested, None, |c| c.graceful_shutdown()).await;
                 });
             }
         }
@@ -194,7 +204,13 @@ pub async fn run(
 
     drop(listeners);
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    let _ = closing.send(true);
+    let every_slot = u32::try_from(listeners_max).unwrap_or(u32::MAX);
+    let all_closed = async {
+        let _webhook = webhook_slots.acquire_many(every_slot).await;
+        let _api = api_slots.acquire_many(every_slot).await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_closed)
         .await
         .is_err()
     {
@@ -208,6 +224,7 @@ fn service(
     side: Side,
     state: Arc<AppState>,
     peer: IpAddr,
+    activity: Option<Arc<Activity>>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
     Response = crate::web::Response,
@@ -216,13 +233,111 @@ fn service(
 > + Clone {
     service_fn(move |request| {
         let state = state.clone();
+        let in_flight = activity.as_ref().map(InFlight::begin);
         async move {
+            let _in_flight = in_flight;
             Ok::<_, Infallible>(match side {
                 Side::Webhook => webhooks::handle(&state, request, peer).await,
                 Side::Api => api::handle(&state, request).await,
             })
         }
     })
+}
+
+/// Drives one connection to its end. It is closed gracefully (in-flight requests answered)
+/// when the server shuts down, and, with `idle`, once no request has been in flight for that
+/// long.
+async fn drive<C, E>(
+    connection: C,
+    mut close_requested: watch::Receiver<bool>,
+    idle: Option<(Arc<Activity>, Duration)>,
+    close: impl Fn(Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(connection);
+    let mut closing = false;
+    let mut next_idle_check = idle
+        .as_ref()
+        .map(|(_, timeout)| tokio::time::Instant::now() + *timeout);
+    loop {
+        let idle_check = async {
+            match next_idle_check {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            // Errors here are clients going away or speaking garbage; nothing to act on.
+            _ = connection.as_mut() => return,
+            _ = close_requested.changed(), if !closing => {
+                close(connection.as_mut());
+                closing = true;
+            }
+            () = idle_check, if !closing => {
+                let Some((activity, timeout)) = &idle else { continue };
+                let idle_for = activity.idle_for();
+                if idle_for >= *timeout {
+                    close(connection.as_mut());
+                    closing = true;
+                } else {
+                    next_idle_check = Some(tokio::time::Instant::now() + (*timeout - idle_for));
+                }
+            }
+        }
+    }
+}
+
+/// Request activity on one connection.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// When the last request finished, in milliseconds after `opened`.
+    last_finished_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_finished_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long no request has been in flight; zero while one is.
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        let last = self.last_finished_ms.load(Ordering::SeqCst);
+        Duration::from_millis(self.elapsed_ms().saturating_sub(last))
+    }
+}
+
+/// One request in flight; dropped when its response future ends.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn begin(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Stamped before the count drops, so an idle check never sees an old stamp with no
+        // request in flight.
+        self.0
+            .last_finished_ms
+            .store(self.0.elapsed_ms(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Binds a listener, turning "address in use" into an instruction.

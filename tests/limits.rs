@@ -103,6 +103,44 @@ async fn slow_headers_and_idle_keep_alive_are_cut_off() {
     );
 }
 
+/// hyper answers HTTP/2 pings forever, so an idle HTTP/2 connection is only ended by the
+/// server noticing that no request has come for the idle timeout; one that is busy is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_webhook_connections_are_closed_and_busy_ones_kept() {
+    let server = Server::start(with_flags(&["--request-header-timeout", "1"]));
+    let tls = server.webhook_tls().await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+
+    // Requests every 400 ms for 2.4 s: longer than the timeout, never idle for it.
+    let started = Instant::now();
+    for _ in 0..6 {
+        let response = sender.send_request(get_on_webhook_path()).await.unwrap();
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(2));
+    assert!(!connection.is_finished(), "a busy connection was closed");
+
+    let idle_since = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("idle HTTP/2 connection still open after 10 s")
+        .unwrap()
+        .ok();
+    let idle_for = idle_since.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(500) && idle_for < Duration::from_secs(4),
+        "{idle_for:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_refused_while_open_ones_keep_working() {
     let server = Server::start(with_flags(&["--max-connections", "3"]));
