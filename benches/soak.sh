@@ -35,7 +35,7 @@ rm "$work/numbers.txt"
 echo "loaded in ${load_secs}s; RSS $(rss_mb) MiB; disk $(du -sm "$work/data" | cut -f1) MiB"
 
 echo "== mixed load for ${SECONDS_TOTAL}s"
-wrk -t1 -c32 -d"${SECONDS_TOTAL}s" -s benches/lookup.lua "http://$api" > "$work/lookups" 2>&1 &
+SUPPRESSED_BASE=300000000 SUPPRESSED_COUNT="$NUMBERS" wrk -t1 -c32 -d"${SECONDS_TOTAL}s" -s benches/lookup.lua "http://$api" > "$work/lookups" 2>&1 &
 wrk -t1 -c2 -d"${SECONDS_TOTAL}s" -s benches/check.lua "http://$api/v1/check" > "$work/bulk" 2>&1 &
 RETRY_EVERY=4 wrk -t1 -c16 -d"${SECONDS_TOTAL}s" -s benches/lox24.lua "https://$webhook/webhooks/lox24" > "$work/deliveries" 2> "$work/delivery-errors" &
 echo "elapsed_s rss_mib" > "$work/rss"
