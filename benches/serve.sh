@@ -3,7 +3,7 @@
 # `bench_setup` builds the binary, makes the scratch directory $work and the LOX24 secret the wrk
 # scripts send (BENCH_SECRET). `bench_start [FLAGS…]` starts `suppressd serve` on ephemeral ports
 # with its data in $work/data and the extra flags, waits until it is ready (a large data
-# directory takes a while to open) and sets $pid, $webhook and $api.
+# directory takes a while to open; up to 10 minutes) and sets $pid, $webhook and $api.
 
 bench_setup() {
   cargo build --release --locked -q
@@ -19,7 +19,7 @@ bench_start() {
     --webhook-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
     --lox24-secret-file "$work/lox24.secret" "$@" 2> "$work/log" &
   pid=$!
-  for _ in $(seq 600); do grep -q "suppressd ready" "$work/log" && break; sleep 0.1; done
+  for _ in $(seq 6000); do grep -q "suppressd ready" "$work/log" && break; sleep 0.1; done
   webhook=$(grep -o 'webhook=[0-9.:]*' "$work/log" | cut -d= -f2)
   api=$(grep -o 'api=[0-9.:]*' "$work/log" | cut -d= -f2)
 }
