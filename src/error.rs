@@ -25,6 +25,8 @@ pub enum HttpError {
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
     BadRequest(#[from] PayloadError),
     #[error("the store could not save this request; nothing was acknowledged, retry later")]
     Store(#[from] StoreError),
@@ -55,6 +57,7 @@ impl HttpError {
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::TooManyAuthFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::Store(StoreError::Closed | StoreError::Reopening) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -67,6 +70,7 @@ impl HttpError {
     pub fn field(&self) -> Option<&str> {
         match self {
             HttpError::BadRequest(e) => e.field.as_deref(),
+            HttpError::UnsupportedMediaType(_) => Some("content-type"),
             _ => None,
         }
     }

@@ -104,10 +104,9 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
         Some("application/x-ndjson" | "application/ndjson") => true,
         Some("text/plain" | "text/csv") => false,
         other => {
-            return Err(HttpError::bad_field(
-                "content-type",
-                format!("import takes application/x-ndjson (an export) or text/plain / text/csv (one number per line), not {other:?}"),
-            ))
+            return Err(HttpError::UnsupportedMediaType(format!(
+                "import takes application/x-ndjson (an export) or text/plain / text/csv (one number per line), not {other:?}"
+            )))
         }
     };
     let mut lines = LineReader::new(request, MAX_IMPORT_LINE);
