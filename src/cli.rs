@@ -33,14 +33,14 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
-        env = "SUPPRESSD_API_URL",
+        env = "SUPPRESSD_API",
         value_name = "URL",
         default_value = "http://127.0.0.1:8080"
     )]
     pub api: String,
 
     /// Client commands print the API's JSON instead of a sentence.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "SUPPRESSD_JSON")]
     pub json: bool,
 }
 

@@ -287,6 +287,21 @@ async fn cli_check_add_remove_with_exit_codes() {
     let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(json["reasons"][0]["details"]["actor"], "ops");
 
+    // Every global flag is also read from its SUPPRESSD_<FLAG_NAME> variable.
+    let from_env = std::process::Command::new(common::binary())
+        .args(["check", "+4930777000"])
+        .env("SUPPRESSD_API", format!("http://{}", server.api))
+        .env("SUPPRESSD_JSON", "true")
+        .env(
+            "SUPPRESSD_API_TOKEN_FILE",
+            server.dir.path().join("api.tokens"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(from_env.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&from_env.stdout).unwrap();
+    assert_eq!(json["phone"], "+4930777000");
+
     assert_eq!(
         server
             .lox24(lox24_event(
