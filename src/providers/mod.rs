@@ -167,10 +167,21 @@ pub fn seconds_as_ms(
     warnings: &mut Vec<String>,
 ) -> Option<i64> {
     let value = object.get(name)?;
-    let ms = value
-        .as_i64()
-        .filter(|s| *s >= 0)
-        .and_then(|s| s.checked_mul(1000));
+    // Senders that serialise numbers as strings or with a fraction still mean a Unix time.
+    let seconds = match value {
+        Value::String(digits) => digits.trim().parse::<i64>().ok(),
+        _ => value.as_i64(),
+    };
+    let ms = match seconds {
+        Some(seconds) => Some(seconds)
+            .filter(|s| *s >= 0)
+            .and_then(|s| s.checked_mul(1000)),
+        None => value
+            .as_f64()
+            .map(|s| (s * 1000.0).round())
+            .filter(|ms| (0.0..9.0e15).contains(ms))
+            .map(|ms| ms as i64),
+    };
     if ms.is_none() && !value.is_null() {
         warnings.push(format!(
             "{path} is not a Unix timestamp in seconds; ignored"
@@ -182,6 +193,28 @@ pub fn seconds_as_ms(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_seconds_are_read_from_integers_fractions_and_digit_strings() {
+        let object = serde_json::json!({
+            "int": 1_757_849_748, "fraction": 1_757_849_748.25, "digits": " 1757849748 ",
+            "negative": -5, "words": "yesterday", "null": null, "huge": 1e300,
+        });
+        let Value::Object(object) = object else {
+            unreachable!()
+        };
+        let mut warnings = Vec::new();
+        let mut read = |name: &str| seconds_as_ms(&object, name, name, &mut warnings);
+        assert_eq!(read("int"), Some(1_757_849_748_000));
+        assert_eq!(read("fraction"), Some(1_757_849_748_250));
+        assert_eq!(read("digits"), Some(1_757_849_748_000));
+        assert_eq!(read("negative"), None);
+        assert_eq!(read("words"), None);
+        assert_eq!(read("huge"), None);
+        assert_eq!(read("null"), None);
+        assert_eq!(read("absent"), None);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+    }
 
     #[test]
     fn nesting_limit_counts_brackets_outside_strings_only() {
