@@ -117,9 +117,11 @@ pub async fn serve(
     };
     let store = {
         let metrics = metrics.clone();
-        tokio::task::spawn_blocking(move || Store::open(&store_config, metrics))
-            .await
-            .map_err(|e| StartupError::Config(format!("opening the database panicked: {e}")))??
+        systemd::while_opening(tokio::task::spawn_blocking(move || {
+            Store::open(&store_config, metrics)
+        }))
+        .await
+        .map_err(|e| StartupError::Config(format!("opening the database panicked: {e}")))??
     };
     let tls = match certs {
         Some(certs) => Some(Arc::new(Tls::load(certs)?)),

@@ -1,6 +1,7 @@
 //! The service manager's side channel (`sd_notify`): `READY=1` once the store is open and both
 //! listeners serve, `RELOADING=1` … `READY=1` around a certificate reload, `STOPPING=1` when
-//! shutdown begins, and `WATCHDOG=1` pings for as long as the store's committer keeps answering.
+//! shutdown begins, `EXTEND_TIMEOUT_USEC` while the database opens, and `WATCHDOG=1` pings for as
+//! long as the store's committer keeps answering.
 //! Everything here is a no-op when `NOTIFY_SOCKET` is unset, i.e. not started by systemd.
 
 use std::sync::Arc;
@@ -36,7 +37,9 @@ pub fn stopping() {
 
 /// Pings the watchdog at half its interval, but only while a barrier sent through the committer
 /// comes back in time: a wedged committer means acknowledged-nothing, and systemd should restart
-/// the service rather than let providers time out forever. Returns at once without a watchdog.
+/// the service rather than let providers time out forever. A committer held up by a reopen of
+/// the database is not wedged: the reopen is a start's open and takes as long, and a restart
+/// would only begin it again. Returns at once without a watchdog.
 pub async fn watchdog(state: Arc<AppState>) {
     let Some(timeout) = sd_notify::watchdog_enabled() else {
         return;
@@ -48,12 +51,38 @@ pub async fn watchdog(state: Arc<AppState>) {
         ticks.tick().await;
         match tokio::time::timeout(period, state.store.ping()).await {
             Ok(Ok(())) => send(&[NotifyState::Watchdog]),
+            _ if state.store.is_reopening() => send(&[
+                NotifyState::Watchdog,
+                NotifyState::Status("reopening the database after a storage failure"),
+            ]),
             Ok(Err(e)) => {
                 tracing::error!("store is not answering ({e}); withholding the watchdog ping")
             }
             Err(_) => tracing::error!(
                 "store committer did not answer within {period:?}; withholding the watchdog ping"
             ),
+        }
+    }
+}
+
+/// Runs `opening` (the database's open and recovery, which grows with the list) while telling
+/// the service manager, every few seconds, to extend its start timeout: a large list must not
+/// be killed half-opened by `TimeoutStartSec` and restarted into the same open.
+pub async fn while_opening<T>(opening: impl std::future::Future<Output = T>) -> T {
+    const EXTEND_EVERY: Duration = Duration::from_secs(10);
+    const EXTEND_BY_USEC: u32 = 30_000_000;
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return opening.await;
+    }
+    tokio::pin!(opening);
+    let mut ticks = tokio::time::interval(EXTEND_EVERY);
+    loop {
+        tokio::select! {
+            done = &mut opening => return done,
+            _ = ticks.tick() => send(&[
+                NotifyState::ExtendTimeoutUsec(EXTEND_BY_USEC),
+                NotifyState::Status("opening the database"),
+            ]),
         }
     }
 }

@@ -5,9 +5,9 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{lox24_event, Options, Server, Tmpfs};
+use common::{lox24_event, NotifySocket, Options, Server, Tmpfs};
 use serde_json::json;
 
 fn uuid_for(round: usize, i: usize) -> String {
@@ -178,10 +178,15 @@ async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
         eprintln!("SKIPPED a_full_disk_answers_500_and_the_store_recovers_when_space_returns: mounting a tmpfs needs root");
         return;
     };
+    let notify = NotifySocket::new();
     let server = Server::start_in(
         dir.clone(),
         Options {
             sendios: true,
+            env: vec![
+                ("NOTIFY_SOCKET".into(), notify.path.clone()),
+                ("WATCHDOG_USEC".into(), "1000000".into()),
+            ],
             ..Options::default()
         },
     );
@@ -225,6 +230,13 @@ async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
     assert_eq!(lookup.status, 200);
     assert_eq!(lookup.json()["suppressed"], true);
     assert!(server.metric("suppressd_store_write_failures_total").await >= 1.0);
+    // The watchdog keeps being pinged: a restart would not free the disk, and would stop the
+    // lookups while the database opens again.
+    notify.clear();
+    let full_since = Instant::now();
+    notify.wait_for("WATCHDOG=1");
+    notify.wait_for("WATCHDOG=1");
+    assert!(full_since.elapsed() < Duration::from_secs(3));
 
     // A batch that cannot be stored is stored not at all: 500, and none of its accounts changed.
     let lost = |account: &str| json!({"event": "sms_lost", "client_user_id": account, "project_id": 5, "sms_id": account});

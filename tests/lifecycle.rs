@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{lox24_event, Options, Server, SECRET};
+use common::{lox24_event, NotifySocket, Options, Server, SECRET};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -25,47 +24,6 @@ fn phone(n: usize) -> String {
     format!("+4917{n:09}")
 }
 
-/// A datagram socket standing in for systemd's notification socket.
-struct NotifySocket {
-    socket: UnixDatagram,
-    _dir: tempfile::TempDir,
-    path: String,
-}
-
-impl NotifySocket {
-    fn new() -> NotifySocket {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        NotifySocket {
-            socket,
-            path: path.display().to_string(),
-            _dir: dir,
-        }
-    }
-
-    /// Reads messages until one contains `line`; returns everything read up to it.
-    fn wait_for(&self, line: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = self
-                .socket
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no {line} within 10 s (saw {seen:?}): {e}"));
-            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let found = message.lines().any(|l| l == line);
-            seen.push(message);
-            if found {
-                return seen;
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn notify_socket_gets_ready_watchdog_reloading_and_stopping() {
     let notify = NotifySocket::new();
@@ -76,7 +34,13 @@ async fn notify_socket_gets_ready_watchdog_reloading_and_stopping() {
         ],
         ..Options::default()
     });
-    notify.wait_for("READY=1");
+    let before_ready = notify.wait_for("READY=1");
+    assert!(
+        before_ready
+            .iter()
+            .any(|m| m.lines().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC="))),
+        "the start timeout is extended while the database opens: {before_ready:?}"
+    );
     // READY=1 promises both listeners serve and the store is open.
     assert_eq!(server.get("/healthz").await.status, 200);
     let reply = server

@@ -68,8 +68,9 @@ pub(super) enum Job {
         events: Vec<Event>,
         reply: Reply,
     },
-    /// Answered with a sequence number once every event with a lower one is applied.
-    Barrier(oneshot::Sender<u64>),
+    /// Answered with a sequence number once every event with a lower one is applied, or with
+    /// `None` when there is no open database to number it in.
+    Barrier(oneshot::Sender<Option<u64>>),
     Stop,
 }
 
@@ -178,17 +179,16 @@ fn run_committer(
                 let applied =
                     applier.apply_requests(&database, &mut batch, metrics, &mut write_failures);
                 for barrier in barriers.drain(..) {
-                    if let Ok(sequence) = database.db.generate_id() {
-                        let _ = barrier.send(sequence);
-                    }
+                    let _ = barrier.send(database.db.generate_id().ok());
                 }
                 applied
             }
             Err(e) => {
                 metrics.store_write_failed();
                 write_failures.failed("store write", batch.len(), &e);
-                // A barrier dropped unanswered tells its waiter the store is not working.
-                barriers.clear();
+                for barrier in barriers.drain(..) {
+                    let _ = barrier.send(None);
+                }
                 Applied {
                     generation: None,
                     write_failed: true,

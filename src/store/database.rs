@@ -127,6 +127,10 @@ impl Slot {
         matches!(&*self.state(), State::Open(_))
     }
 
+    pub fn is_reopening(&self) -> bool {
+        matches!(&*self.state(), State::Reopening)
+    }
+
     /// Takes the database out for a reopen, once nobody else holds it. Readers meanwhile get
     /// [`StoreError::Reopening`]. If someone still holds it after `patience` (a long export),
     /// it is put back and `Err` says so. `Ok(None)`: there was no open database to take.

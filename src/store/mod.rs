@@ -253,7 +253,9 @@ impl Store {
     }
 
     /// Resolves once the committer has worked through everything queued before it: proof that
-    /// writes are still being processed, for the service manager's watchdog.
+    /// requests are still being answered, for the service manager's watchdog. A committer that
+    /// answers "the database is down" counts as working: it keeps trying to reopen it, and a
+    /// restart would not bring the disk back but would stop the lookups while it opens.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.committer
@@ -262,6 +264,12 @@ impl Store {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?;
         Ok(())
+    }
+
+    /// The database is being opened again after a storage failure, which takes as long as a
+    /// start's open; the committer holds requests meanwhile.
+    pub fn is_reopening(&self) -> bool {
+        self.database.is_reopening()
     }
 
     /// Every subject's history as it stood at one instant, subject by subject in key order.
@@ -275,6 +283,9 @@ impl Store {
             .map_err(|_| StoreError::Closed)?;
         let high_water = answer.await.map_err(|_| StoreError::Closed)?;
         let database = self.database.get()?;
+        let high_water = high_water.ok_or_else(|| {
+            StoreError::Unavailable("the database could not number the snapshot".into())
+        })?;
         Ok(Snapshot {
             entries: database.tree.scan_prefix([HISTORY]),
             _database: database,

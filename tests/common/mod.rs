@@ -592,3 +592,52 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// A datagram socket standing in for systemd's notification socket.
+pub struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    _dir: tempfile::TempDir,
+    pub path: String,
+}
+
+impl NotifySocket {
+    pub fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        NotifySocket {
+            socket,
+            path: path.display().to_string(),
+            _dir: dir,
+        }
+    }
+
+    /// Forgets the messages received so far.
+    pub fn clear(&self) {
+        self.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        while self.socket.recv(&mut buf).is_ok() {}
+        self.socket.set_nonblocking(false).unwrap();
+    }
+
+    /// Reads messages until one contains `line`; returns everything read up to it.
+    pub fn wait_for(&self, line: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {line} within 10 s (saw {seen:?}): {e}"));
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let found = message.lines().any(|l| l == line);
+            seen.push(message);
+            if found {
+                return seen;
+            }
+        }
+    }
+}
