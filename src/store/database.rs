@@ -172,11 +172,12 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
         .cache_capacity(cache_bytes)
         .flush_every_ms(Some(500));
     // A torn or corrupt log can make sled panic instead of returning an error; either way the
-    // operator gets one line saying the database is corrupt, not a backtrace.
-    let previous_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    // operator gets one line saying the database is corrupt, not a backtrace. Only this thread's
+    // panic message is kept quiet: a reopen runs while the rest of the service is serving.
+    silence_panics_of_opening_threads();
+    OPENING_SLED.with(|opening| opening.set(true));
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()));
-    std::panic::set_hook(previous_hook);
+    OPENING_SLED.with(|opening| opening.set(false));
     match opened {
         Ok(result) => result.map_err(|e| classify_open_error(path, e)),
         Err(panic) => {
@@ -191,6 +192,24 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
             })
         }
     }
+}
+
+thread_local! {
+    static OPENING_SLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs, once, a panic hook that stays silent for a thread inside [`open_sled`] and
+/// otherwise does what the hook before it did.
+fn silence_panics_of_opening_threads() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !OPENING_SLED.with(|opening| opening.get()) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 fn classify_open_error(path: &Path, error: sled::Error) -> StoreError {
