@@ -20,7 +20,7 @@ mod index;
 pub mod record;
 mod wal;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +80,22 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the database was reopened after a storage failure before this request was durable")]
     Reopened,
+}
+
+impl StoreError {
+    /// Damage that sled's own open let through and the replay or the index rebuild then read is
+    /// the database's corruption, and the operator is told so, with what to do.
+    fn found_at_open(self, path: &Path) -> StoreError {
+        match self {
+            StoreError::Sled(sled::Error::Corruption { .. })
+            | StoreError::CorruptRecord(_)
+            | StoreError::CorruptHistory(_) => StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: self.to_string(),
+            },
+            other => other,
+        }
+    }
 }
 
 /// An iterator over `(subject, events in arrival order)` of a consistent snapshot.
@@ -214,7 +230,8 @@ impl Store {
             phones: Arc::new(index::PhoneIndex::new()),
             suppressed_accounts: Arc::new(AtomicI64::new(0)),
         };
-        let (database, wal) = recover(config, 0, &applier)?;
+        let (database, wal) =
+            recover(config, 0, &applier).map_err(|e| e.found_at_open(&config.dir.join("db")))?;
         let database = Arc::new(database::Slot::new(database));
         let (phones, suppressed_accounts) =
             (applier.phones.clone(), applier.suppressed_accounts.clone());
@@ -448,9 +465,23 @@ fn recover(
         source,
     };
     let sled_dir = config.dir.join("db");
+    let wal_path = config.dir.join("wal");
+    // sled starts a new, empty database wherever its log file is missing. The WAL is created
+    // right after the database, so a data directory that has one has had a database: starting
+    // it empty would silently forget every suppression.
+    if wal_path.exists() && !sled_dir.join("db").exists() {
+        return Err(StoreError::Corrupt {
+            path: sled_dir.clone(),
+            detail: format!(
+                "its log file {} is missing, but {} shows this data directory held a database",
+                sled_dir.join("db").display(),
+                wal_path.display()
+            ),
+        });
+    }
     std::fs::create_dir_all(&sled_dir).map_err(open_error)?;
     let database = database::Database::open(&sled_dir, config.cache_bytes, generation)?;
-    let recovered = wal::Wal::open(&config.dir.join("wal")).map_err(open_error)?;
+    let recovered = wal::Wal::open(&wal_path).map_err(open_error)?;
     let mut wal = recovered.wal;
     if recovered.discarded > 0 {
         tracing::warn!(
