@@ -19,11 +19,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::ndjson_response;
 use crate::error::HttpError;
 use crate::event::{now_ms, Event, Kind, Source, Subject};
 use crate::server::AppState;
 use crate::store::{Outcome, StoredEvent};
+use crate::web::ndjson_response;
 use crate::web::{media_type, Line, LineReader, Request, Response};
 
 /// Events committed together during an import; each commit is durable before the next.

@@ -219,6 +219,16 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// A streamed NDJSON response fed by `receiver`.
+pub fn ndjson_response(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+    let mut response = hyper::Response::new(ChannelBody(receiver).boxed());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,313 @@
+//! `POST /v1/check`: many subjects at once, as one JSON list (up to [`MAX_CHECK_ENTRIES`]) or as a
+//! text or NDJSON stream of any length whose results stream back line by line.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::parse_object;
+use crate::error::HttpError;
+use crate::event::{ms_to_secs, Subject, MAX_ID_BYTES};
+use crate::server::AppState;
+use crate::web::{
+    json_response, media_type, ndjson_response, read_body, Line, LineReader, Request, Response,
+};
+
+/// Most entries one `POST /v1/check` may carry.
+pub(super) const MAX_CHECK_ENTRIES: usize = 10_000;
+/// A check request of 10,000 long entries stays well below this.
+const MAX_CHECK_BODY: usize = 4 * 1024 * 1024;
+
+#[derive(Deserialize)]
+struct CheckRequest<'a> {
+    #[serde(borrow, default)]
+    phones: Vec<CheckEntry<'a>>,
+    #[serde(default)]
+    accounts: Vec<Value>,
+}
+
+/// One entry of a check list: a string to look up, or anything else, which gets an error of its
+/// own instead of failing the whole request.
+enum CheckEntry<'a> {
+    Text(Cow<'a, str>),
+    Other(Value),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for CheckEntry<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = CheckEntry<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a phone number string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(json!(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(CheckEntry::Other(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                    .map(CheckEntry::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(CheckEntry::Other)
+            }
+        }
+        deserializer.deserialize_any(EntryVisitor)
+    }
+}
+
+#[derive(Serialize)]
+struct CheckResponse<'a> {
+    results: Vec<CheckResult<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum CheckResult<'a> {
+    Found {
+        input: &'a str,
+        phone: Cow<'a, str>,
+        suppressed: bool,
+        since: Option<i64>,
+    },
+    Invalid {
+        input: &'a Value,
+        error: String,
+    },
+    InvalidText {
+        input: &'a str,
+        error: String,
+    },
+    Account {
+        input: &'a Value,
+        scope: &'a str,
+        account: &'a str,
+        suppressed: bool,
+        since: Option<i64>,
+    },
+}
+
+pub(super) async fn check(state: &AppState, request: Request) -> Result<Response, HttpError> {
+    let body = read_body(request, MAX_CHECK_BODY).await?;
+    let parsed: CheckRequest<'_> = parse_object(&body, "body must be {\"phones\": [\"...\"]}")?;
+    let entries = parsed.phones.len() + parsed.accounts.len();
+    if entries > MAX_CHECK_ENTRIES {
+        let field = if parsed.accounts.is_empty() {
+            "phones"
+        } else {
+            "accounts"
+        };
+        return Err(HttpError::bad_field(
+            field,
+            format!("at most {MAX_CHECK_ENTRIES} entries per request, got {entries}"),
+        ));
+    }
+    let mut results = Vec::with_capacity(parsed.phones.len());
+    for entry in &parsed.phones {
+        results.push(match entry {
+            CheckEntry::Text(input) => match state.phones.normalize_borrowed(input) {
+                Ok(phone) => {
+                    let status = state.store.phone_status(&phone)?;
+                    CheckResult::Found {
+                        input,
+                        phone,
+                        suppressed: status.suppressed,
+                        since: status.since_ms.map(ms_to_secs),
+                    }
+                }
+                Err(e) => CheckResult::InvalidText {
+                    input,
+                    error: e.to_string(),
+                },
+            },
+            CheckEntry::Other(input) => CheckResult::Invalid {
+                input,
+                error: "entry must be a phone number string".into(),
+            },
+        });
+    }
+    for input in &parsed.accounts {
+        let scope = input.get("scope").and_then(Value::as_str);
+        let account = input.get("account").and_then(Value::as_str);
+        results.push(match (scope, account) {
+            (Some(scope), Some(account))
+                if (1..=MAX_ID_BYTES).contains(&scope.len())
+                    && (1..=MAX_ID_BYTES).contains(&account.len()) =>
+            {
+                let status = state.store.status(&Subject::Account {
+                    scope: scope.to_owned(),
+                    account: account.to_owned(),
+                })?;
+                CheckResult::Account {
+                    input,
+                    scope,
+                    account,
+                    suppressed: status.suppressed,
+                    since: status.since_ms.map(ms_to_secs),
+                }
+            }
+            _ => CheckResult::Invalid {
+                input,
+                error:
+                    "entry must be {\"scope\": \"…\", \"account\": \"…\"} with non-empty strings"
+                        .into(),
+            },
+        });
+    }
+    state.metrics.lookups(true, results.len() as u64);
+    Ok(json_response(StatusCode::OK, &CheckResponse { results }))
+}
+
+/// The line formats a streamed bulk check accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamFormat {
+    /// One phone number per line.
+    Text,
+    /// One JSON value per line: a phone string, `{"phone": …}` or `{"scope": …, "account": …}`.
+    Ndjson,
+}
+
+impl StreamFormat {
+    pub(super) fn of(request: &Request) -> Option<Self> {
+        match media_type(request)?.as_str() {
+            "text/plain" | "text/csv" => Some(StreamFormat::Text),
+            "application/x-ndjson" | "application/ndjson" => Some(StreamFormat::Ndjson),
+            _ => None,
+        }
+    }
+}
+
+/// A line longer than this is answered with an error instead of being buffered further.
+const MAX_LINE: usize = 64 * 1024;
+/// Output is sent in chunks of about this size; with the bounded channel, memory stays
+/// constant however long the list is.
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// `POST /v1/check` with a text or NDJSON body: results stream back as NDJSON, one line per
+/// input line (blank lines skipped), in input order, while the input is still arriving.
+pub(super) fn check_stream(
+    state: Arc<AppState>,
+    request: Request,
+    format: StreamFormat,
+) -> Response {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
+    tokio::spawn(async move {
+        let mut lines = LineReader::new(request, MAX_LINE);
+        let mut output: Vec<u8> = Vec::with_capacity(OUTPUT_CHUNK + 1024);
+        let mut checked = 0u64;
+        while let Some(line) = lines.next_line().await {
+            match line {
+                Ok(Line::Text(line)) => checked += check_line(&state, &line, format, &mut output),
+                Ok(Line::TooLong) => write_line(
+                    &mut output,
+                    &json!({"input": null, "error": format!("line longer than {MAX_LINE} bytes")}),
+                ),
+                Err(_) => return,
+            }
+            if output.len() >= OUTPUT_CHUNK
+                && sender
+                    .send(Bytes::from(std::mem::take(&mut output)))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        state.metrics.lookups(true, checked);
+        if !output.is_empty() {
+            let _ = sender.send(Bytes::from(output)).await;
+        }
+    });
+    ndjson_response(receiver)
+}
+
+/// Checks one input line, appending its result line; returns how many subjects were checked.
+fn check_line(state: &AppState, line: &[u8], format: StreamFormat, output: &mut Vec<u8>) -> u64 {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    if text.is_empty() {
+        return 0;
+    }
+    let result = match format {
+        StreamFormat::Text => check_phone_value(state, json!(text), text),
+        StreamFormat::Ndjson => match serde_json::from_str::<Value>(text) {
+            Ok(Value::String(phone)) => check_phone_value(state, json!(phone), &phone),
+            Ok(Value::Object(object)) => match (
+                object.get("phone"),
+                object.get("scope"),
+                object.get("account"),
+            ) {
+                (Some(Value::String(phone)), _, _) => {
+                    let phone = phone.clone();
+                    check_phone_value(state, Value::Object(object), &phone)
+                }
+                (None, Some(Value::String(scope)), Some(Value::String(account)))
+                    if (1..=MAX_ID_BYTES).contains(&scope.len())
+                        && (1..=MAX_ID_BYTES).contains(&account.len()) =>
+                {
+                    let subject = Subject::Account {
+                        scope: scope.clone(),
+                        account: account.clone(),
+                    };
+                    match state.store.status(&subject) {
+                        Ok(status) => json!({
+                            "input": object, "scope": scope, "account": account,
+                            "suppressed": status.suppressed, "since": status.since_ms.map(ms_to_secs),
+                        }),
+                        Err(e) => json!({"input": object, "error": e.to_string()}),
+                    }
+                }
+                _ => {
+                    json!({"input": object, "error": "expected {\"phone\": …} or {\"scope\": …, \"account\": …}"})
+                }
+            },
+            Ok(other) => json!({"input": other, "error": "expected a phone string or an object"}),
+            Err(e) => json!({"input": text, "error": format!("line is not JSON: {e}")}),
+        },
+    };
+    write_line(output, &result);
+    1
+}
+
+fn check_phone_value(state: &AppState, input: Value, phone: &str) -> Value {
+    match state.phones.normalize_borrowed(phone) {
+        Ok(e164) => match state.store.phone_status(&e164) {
+            Ok(status) => json!({
+                "input": input, "phone": e164,
+                "suppressed": status.suppressed, "since": status.since_ms.map(ms_to_secs),
+            }),
+            Err(e) => json!({"input": input, "error": e.to_string()}),
+        },
+        Err(e) => json!({"input": input, "error": e.to_string()}),
+    }
+}
+
+fn write_line(output: &mut Vec<u8>, value: &Value) {
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *output, value);
+    output.push(b'\n');
+}

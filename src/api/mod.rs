@@ -1,0 +1,369 @@
+//! The local API (plain HTTP on `--api-listen`): "is this number suppressed?", one at a time or
+//! in bulk, a subject's history, health and metrics.
+//!
+//! `/healthz` and `/metrics` are open; every `/v1/...` request needs a Bearer token when
+//! `--api-token-file` is configured.
+//!
+//! This module routes and serves single subjects (records, histories, manual changes); bulk
+//! checks are in `check`, the listing of suppressions in `list`, export and import in
+//! [`crate::transfer`].
+
+mod check;
+mod list;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use crate::auth::DEFAULT_ACTOR;
+use crate::error::HttpError;
+use crate::event::{ms_to_secs, now_ms, Event, Kind, Source, Subject, MAX_ID_BYTES};
+use crate::server::AppState;
+use crate::store::record::{decode_status, reasons_json};
+use crate::store::{Record, Status, StoreError, StoredEvent};
+use crate::web::{
+    bytes_response, discard_body, json_response, path_segment, query_param, read_body, Request,
+    Response,
+};
+
+pub async fn handle(state: &Arc<AppState>, request: Request) -> Response {
+    let started = Instant::now();
+    let response = match route(state, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.status().is_server_error() {
+                tracing::error!("API request failed: {error}");
+            }
+            error.into_response()
+        }
+    };
+    state.metrics.api_request(started.elapsed());
+    response
+}
+
+/// The endpoints of the API, recognised from the path alone.
+enum Endpoint<'a> {
+    Health,
+    Metrics,
+    Record(SubjectPath<'a>),
+    History(SubjectPath<'a>),
+    Check,
+    Suppressions,
+    Export,
+    Import,
+}
+
+/// A subject as it appears in a path, still percent-encoded.
+enum SubjectPath<'a> {
+    Phone(&'a str),
+    Account(&'a str, &'a str),
+}
+
+impl<'a> Endpoint<'a> {
+    fn parse(path: &'a str) -> Option<Self> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        Some(match segments.as_slice() {
+            ["healthz"] => Endpoint::Health,
+            ["metrics"] => Endpoint::Metrics,
+            ["v1", "phones", phone] => Endpoint::Record(SubjectPath::Phone(phone)),
+            ["v1", "phones", phone, "history"] => Endpoint::History(SubjectPath::Phone(phone)),
+            ["v1", "accounts", scope, account] => {
+                Endpoint::Record(SubjectPath::Account(scope, account))
+            }
+            ["v1", "accounts", scope, account, "history"] => {
+                Endpoint::History(SubjectPath::Account(scope, account))
+            }
+            ["v1", "check"] => Endpoint::Check,
+            ["v1", "suppressions"] => Endpoint::Suppressions,
+            ["v1", "export"] => Endpoint::Export,
+            ["v1", "import"] => Endpoint::Import,
+            _ => return None,
+        })
+    }
+
+    /// The methods the endpoint answers, as an `Allow` header (`HEAD` goes wherever `GET` does).
+    fn allow(&self) -> &'static str {
+        match self {
+            Endpoint::Check | Endpoint::Import => "POST",
+            Endpoint::Record(_) => "GET, PUT, DELETE",
+            _ => "GET",
+        }
+    }
+
+    fn allows(&self, method: &Method) -> bool {
+        let name = if *method == Method::HEAD {
+            "GET"
+        } else {
+            method.as_str()
+        };
+        self.allow().split(", ").any(|allowed| allowed == name)
+    }
+
+    /// Health and metrics stay open so that probes and scrapers need no token.
+    fn needs_token(&self) -> bool {
+        !matches!(self, Endpoint::Health | Endpoint::Metrics)
+    }
+}
+
+/// Checks in the same order as the webhooks: 404 → 405 → 401/403, then the endpoint.
+async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, HttpError> {
+    let path = request.uri().path().to_owned();
+    let endpoint = Endpoint::parse(&path);
+    let mut actor = DEFAULT_ACTOR.to_owned();
+    let refusal = match &endpoint {
+        None => Some(HttpError::NotFound),
+        Some(endpoint) if !endpoint.allows(request.method()) => Some(HttpError::MethodNotAllowed {
+            allow: endpoint.allow(),
+        }),
+        Some(endpoint) => match (&state.api_tokens, endpoint.needs_token()) {
+            (Some(tokens), true) => match tokens.authenticate(request.headers()) {
+                Ok(name) => {
+                    name.clone_into(&mut actor);
+                    None
+                }
+                Err(failure) => Some(HttpError::auth(failure)),
+            },
+            _ => None,
+        },
+    };
+    if let Some(error) = refusal {
+        discard_body(request).await;
+        return Err(error);
+    }
+    match endpoint {
+        None => Err(HttpError::NotFound),
+        Some(Endpoint::Health) if state.store.is_open() => {
+            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+        }
+        Some(Endpoint::Health) => Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "unavailable", "error": "the database is closed after a storage failure; it is reopened once the data directory takes writes again"}),
+        )),
+        Some(Endpoint::Metrics) => {
+            let text = state.metrics.render(
+                state.store.size_on_disk().ok(),
+                state.store.suppressed_counts(),
+            );
+            Ok(bytes_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                text,
+            ))
+        }
+        Some(Endpoint::Record(path)) if request.method() == Method::PUT => {
+            let subject = subject(state, &path)?;
+            let change = read_change(request).await?;
+            manual_change(state, subject, Kind::Suppress, change, actor).await?;
+            subject_record(state, &path)
+        }
+        Some(Endpoint::Record(path)) if request.method() == Method::DELETE => {
+            let subject = subject(state, &path)?;
+            let note = query_param(request.uri().query(), "note").map(|n| n.into_owned());
+            let mut change = read_change(request).await?;
+            change.note = change.note.or(note).filter(|n| !n.trim().is_empty());
+            lift(state, subject, change, actor).await?;
+            subject_record(state, &path)
+        }
+        Some(Endpoint::Record(path)) => subject_record(state, &path),
+        Some(Endpoint::History(path)) => subject_history(state, &path),
+        Some(Endpoint::Check) => match check::StreamFormat::of(&request) {
+            Some(format) => Ok(check::check_stream(state.clone(), request, format)),
+            None => check::check(state, request).await,
+        },
+        Some(Endpoint::Suppressions) => list::list(state, request.uri().query()),
+        Some(Endpoint::Export) => crate::transfer::export(state).await,
+        Some(Endpoint::Import) => crate::transfer::import(state, request).await,
+    }
+}
+
+/// The optional body of PUT and DELETE.
+#[derive(Debug, Default, Deserialize)]
+struct Change {
+    reason: Option<String>,
+    note: Option<String>,
+}
+
+/// Bodies of manual changes are small; anything larger is a mistake.
+const MAX_CHANGE_BODY: usize = 64 * 1024;
+
+async fn read_change(request: Request) -> Result<Change, HttpError> {
+    let body = read_body(request, MAX_CHANGE_BODY).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Change::default());
+    }
+    parse_object(
+        &body,
+        "body must be empty or {\"reason\": \"…\", \"note\": \"…\"}",
+    )
+}
+
+/// Parses a JSON object body; `expected` says what it should have been. serde would read a
+/// struct from a JSON array too (`[reason, note]`), so anything but an object is refused first.
+pub(crate) fn parse_object<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+    expected: &str,
+) -> Result<T, HttpError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(body)
+            .map_err(|e| HttpError::bad_request(format!("{expected}: {e}"))),
+        _ => Err(HttpError::bad_request(format!(
+            "{expected}: not a JSON object"
+        ))),
+    }
+}
+
+/// Records an operator's change as an event at the current time, kept in the history with who
+/// made it.
+async fn manual_change(
+    state: &AppState,
+    subject: Subject,
+    kind: Kind,
+    change: Change,
+    actor: String,
+) -> Result<(), HttpError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    tracing::info!(source = "manual", kind = ?kind, actor, "manual change");
+    let mut details = serde_json::Map::new();
+    details.insert("actor".into(), json!(actor));
+    if let Some(reason) = change.reason {
+        details.insert("reason".into(), json!(reason));
+    }
+    if let Some(note) = change.note {
+        details.insert("note".into(), json!(note));
+    }
+    let event = Event {
+        subject,
+        source: Source::Manual,
+        kind,
+        idempotency_key: format!("manual:{id}"),
+        event_id: Some(id),
+        event_time_ms: now,
+        receive_time_ms: now,
+        details,
+    };
+    state.store.commit(vec![event]).await?;
+    Ok(())
+}
+
+/// Lifts a suppression. A person's own opt-out is not an operator's to overrule silently, so a
+/// lift over a provider unsubscribe needs a note with the evidence of renewed consent.
+async fn lift(
+    state: &AppState,
+    subject: Subject,
+    change: Change,
+    actor: String,
+) -> Result<(), HttpError> {
+    let Some(bytes) = state.store.record_bytes(&subject)? else {
+        return Ok(());
+    };
+    let record = Record::decode(&bytes).map_err(StoreError::from)?;
+    if !record.suppressed() {
+        return Ok(());
+    }
+    if record.lift_needs_note() && change.note.is_none() {
+        return Err(HttpError::bad_field(
+            "note",
+            "this suppression includes the person's own unsubscribe; lifting it needs a note with the evidence of renewed consent",
+        ));
+    }
+    manual_change(state, subject, Kind::Lift, change, actor).await
+}
+
+fn subject(state: &AppState, path: &SubjectPath<'_>) -> Result<Subject, HttpError> {
+    match path {
+        SubjectPath::Phone(segment) => {
+            let raw = path_segment(segment)?;
+            let phone = state
+                .phones
+                .normalize(&raw)
+                .map_err(|e| HttpError::bad_field("phone", e.to_string()))?;
+            Ok(Subject::Phone { phone })
+        }
+        SubjectPath::Account(scope, account) => Ok(Subject::Account {
+            scope: account_id("scope", &path_segment(scope)?)?,
+            account: account_id("account", &path_segment(account)?)?,
+        }),
+    }
+}
+
+fn account_id(field: &str, value: &str) -> Result<String, HttpError> {
+    if value.is_empty() || value.len() > MAX_ID_BYTES {
+        return Err(HttpError::bad_field(
+            field,
+            format!("{field} must be 1 to {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+fn subject_record(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
+    let subject = subject(state, path)?;
+    // Most numbers looked up are not suppressed: the in-memory index answers those without
+    // touching the database (a record that is not suppressed has no reasons to show).
+    let bytes = match &subject {
+        Subject::Phone { phone } if !state.store.phone_status(phone)?.suppressed => None,
+        _ => state.store.record_bytes(&subject)?,
+    };
+    state.metrics.lookups(false, 1);
+    let (status, reasons) = match &bytes {
+        Some(bytes) => (
+            decode_status(bytes).map_err(StoreError::from)?,
+            Some(reasons_json(bytes).map_err(StoreError::from)?),
+        ),
+        None => (Status::default(), None),
+    };
+    let empty = RawValue::from_string("[]".to_owned())
+        .map_err(|e| HttpError::bad_request(e.to_string()))?;
+    let view = RecordView {
+        subject: &subject,
+        suppressed: status.suppressed,
+        since: status.since_ms.map(ms_to_secs),
+        reasons: reasons.unwrap_or(&empty),
+    };
+    Ok(json_response(StatusCode::OK, &view))
+}
+
+/// The public shape of a record; a subject never seen is simply not suppressed.
+#[derive(Serialize)]
+struct RecordView<'a> {
+    #[serde(flatten)]
+    subject: &'a Subject,
+    suppressed: bool,
+    since: Option<i64>,
+    reasons: &'a RawValue,
+}
+
+fn subject_history(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
+    let subject = subject(state, path)?;
+    let events = state.store.history(&subject)?;
+    let mut body = subject_fields(&subject);
+    body["events"] = Value::Array(events.iter().map(history_view).collect());
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn subject_fields(subject: &Subject) -> Value {
+    match subject {
+        Subject::Phone { phone } => json!({ "phone": phone }),
+        Subject::Account { scope, account } => json!({ "scope": scope, "account": account }),
+    }
+}
+
+fn history_view(stored: &StoredEvent) -> Value {
+    let event = &stored.event;
+    json!({
+        "source": event.source,
+        "kind": event.kind,
+        "event_id": event.event_id,
+        "event_time": ms_to_secs(event.event_time_ms),
+        "event_time_ms": event.event_time_ms,
+        "receive_time": ms_to_secs(event.receive_time_ms),
+        "receive_time_ms": event.receive_time_ms,
+        "applied": stored.applied,
+        "details": event.details,
+    })
+}
