@@ -236,6 +236,8 @@ impl Server {
             Some((program, args)) => {
                 let mut command = Command::new(program);
                 command.args(args).arg(binary());
+                // Its own process group, so that `kill` can reach the server behind the wrapper.
+                std::os::unix::process::CommandExt::process_group(&mut command, 0);
                 command
             }
             None => Command::new(binary()),
@@ -279,11 +281,21 @@ impl Server {
     }
 
     /// SIGKILL, as a crash or OOM kill would.
+    #[allow(unsafe_code)]
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if self.prefix.is_empty() {
             child.kill().unwrap();
-            child.wait().unwrap();
+        } else {
+            // A killed wrapper (strace) detaches from the server and leaves it running, so the
+            // whole process group goes.
+            let group = i32::try_from(child.id()).unwrap();
+            // SAFETY: kill(2) on our own child's process group has no memory-safety preconditions.
+            assert_eq!(unsafe { libc::kill(-group, libc::SIGKILL) }, 0);
         }
+        child.wait().unwrap();
     }
 
     /// Sends a signal without waiting, e.g. SIGKILL while requests are in flight.
