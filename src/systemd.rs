@@ -71,9 +71,6 @@ pub async fn watchdog(state: Arc<AppState>) {
 pub async fn while_opening<T>(opening: impl std::future::Future<Output = T>) -> T {
     const EXTEND_EVERY: Duration = Duration::from_secs(10);
     const EXTEND_BY_USEC: u32 = 30_000_000;
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return opening.await;
-    }
     tokio::pin!(opening);
     let mut ticks = tokio::time::interval(EXTEND_EVERY);
     loop {

@@ -173,9 +173,8 @@ pub fn seconds_as_ms(
         _ => value.as_i64(),
     };
     let ms = match seconds {
-        Some(seconds) => Some(seconds)
-            .filter(|s| *s >= 0)
-            .and_then(|s| s.checked_mul(1000)),
+        Some(seconds) if seconds >= 0 => seconds.checked_mul(1000),
+        Some(_) => None,
         None => value
             .as_f64()
             .map(|s| (s * 1000.0).round())
