@@ -23,8 +23,7 @@ use crate::error::HttpError;
 use crate::event::{now_ms, Event, Kind, Source, Subject};
 use crate::server::AppState;
 use crate::store::{Outcome, StoredEvent};
-use crate::web::ndjson_response;
-use crate::web::{media_type, Line, LineReader, Request, Response};
+use crate::web::{media_type, ndjson_response, Line, LineFormat, LineReader, Request, Response};
 
 /// Events committed together during an import; each commit is durable before the next.
 const IMPORT_BATCH: usize = 2_000;
@@ -100,14 +99,11 @@ impl Report {
 
 /// `POST /v1/import`
 pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response, HttpError> {
-    let ndjson = match media_type(&request).as_deref() {
-        Some("application/x-ndjson" | "application/ndjson") => true,
-        Some("text/plain" | "text/csv") => false,
-        other => {
-            return Err(HttpError::UnsupportedMediaType(format!(
-                "import takes application/x-ndjson (an export) or text/plain / text/csv (one number per line), not {other:?}"
-            )))
-        }
+    let Some(format) = LineFormat::of(&request) else {
+        return Err(HttpError::UnsupportedMediaType(format!(
+            "import takes application/x-ndjson (an export) or text/plain / text/csv (one number per line), not {:?}",
+            media_type(&request)
+        )));
     };
     let mut lines = LineReader::new(request, MAX_IMPORT_LINE);
     let mut report = Report::default();
@@ -128,7 +124,7 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
         if text.is_empty() {
             continue;
         }
-        if ndjson {
+        if format == LineFormat::Ndjson {
             match serde_json::from_str::<Exported>(text) {
                 Ok(exported) => {
                     batch.extend(exported.events.into_iter().map(|stored| stored.event))

@@ -184,6 +184,25 @@ pub fn media_type(request: &Request) -> Option<String> {
     Some(value.split(';').next()?.trim().to_ascii_lowercase())
 }
 
+/// The line-oriented bodies that bulk checks and imports stream, by their Content-Type.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LineFormat {
+    /// `text/plain` or `text/csv`: one phone number per line.
+    Text,
+    /// `application/x-ndjson` or `application/ndjson`: one JSON value per line.
+    Ndjson,
+}
+
+impl LineFormat {
+    pub fn of(request: &Request) -> Option<Self> {
+        match media_type(request)?.as_str() {
+            "text/plain" | "text/csv" => Some(LineFormat::Text),
+            "application/x-ndjson" | "application/ndjson" => Some(LineFormat::Ndjson),
+            _ => None,
+        }
+    }
+}
+
 /// The percent-decoded value of the first `name=` parameter. A `+` stays a `+`: secrets and
 /// signatures are often base64, and providers rarely encode them.
 pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<Cow<'a, str>> {

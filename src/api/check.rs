@@ -15,7 +15,7 @@ use crate::error::HttpError;
 use crate::event::{ms_to_secs, Subject, MAX_ID_BYTES};
 use crate::server::AppState;
 use crate::web::{
-    json_response, media_type, ndjson_response, read_body, Line, LineReader, Request, Response,
+    json_response, ndjson_response, read_body, Line, LineFormat, LineReader, Request, Response,
 };
 
 /// Most entries one `POST /v1/check` may carry.
@@ -182,25 +182,6 @@ pub(super) async fn check(state: &AppState, request: Request) -> Result<Response
     Ok(json_response(StatusCode::OK, &CheckResponse { results }))
 }
 
-/// The line formats a streamed bulk check accepts.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum StreamFormat {
-    /// One phone number per line.
-    Text,
-    /// One JSON value per line: a phone string, `{"phone": …}` or `{"scope": …, "account": …}`.
-    Ndjson,
-}
-
-impl StreamFormat {
-    pub(super) fn of(request: &Request) -> Option<Self> {
-        match media_type(request)?.as_str() {
-            "text/plain" | "text/csv" => Some(StreamFormat::Text),
-            "application/x-ndjson" | "application/ndjson" => Some(StreamFormat::Ndjson),
-            _ => None,
-        }
-    }
-}
-
 /// A line longer than this is answered with an error instead of being buffered further.
 const MAX_LINE: usize = 64 * 1024;
 /// Output is sent in chunks of about this size; with the bounded channel, memory stays
@@ -209,11 +190,7 @@ const OUTPUT_CHUNK: usize = 64 * 1024;
 
 /// `POST /v1/check` with a text or NDJSON body: results stream back as NDJSON, one line per
 /// input line (blank lines skipped), in input order, while the input is still arriving.
-pub(super) fn check_stream(
-    state: Arc<AppState>,
-    request: Request,
-    format: StreamFormat,
-) -> Response {
+pub(super) fn check_stream(state: Arc<AppState>, request: Request, format: LineFormat) -> Response {
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
         let mut lines = LineReader::new(request, MAX_LINE);
@@ -246,15 +223,15 @@ pub(super) fn check_stream(
 }
 
 /// Checks one input line, appending its result line; returns how many subjects were checked.
-fn check_line(state: &AppState, line: &[u8], format: StreamFormat, output: &mut Vec<u8>) -> u64 {
+fn check_line(state: &AppState, line: &[u8], format: LineFormat, output: &mut Vec<u8>) -> u64 {
     let text = String::from_utf8_lossy(line);
     let text = text.trim();
     if text.is_empty() {
         return 0;
     }
     let result = match format {
-        StreamFormat::Text => check_phone_value(state, json!(text), text),
-        StreamFormat::Ndjson => match serde_json::from_str::<Value>(text) {
+        LineFormat::Text => check_phone_value(state, json!(text), text),
+        LineFormat::Ndjson => match serde_json::from_str::<Value>(text) {
             Ok(Value::String(phone)) => check_phone_value(state, json!(phone), &phone),
             Ok(Value::Object(object)) => match (
                 object.get("phone"),

@@ -26,8 +26,8 @@ use crate::server::AppState;
 use crate::store::record::{decode_status, reasons_json};
 use crate::store::{Record, Status, StoreError, StoredEvent};
 use crate::web::{
-    bytes_response, discard_body, json_response, path_segment, query_param, read_body, Request,
-    Response,
+    bytes_response, discard_body, json_response, path_segment, query_param, read_body, LineFormat,
+    Request, Response,
 };
 
 pub async fn handle(state: &Arc<AppState>, request: Request) -> Response {
@@ -170,7 +170,7 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         }
         Some(Endpoint::Record(path)) => subject_record(state, &path),
         Some(Endpoint::History(path)) => subject_history(state, &path),
-        Some(Endpoint::Check) => match check::StreamFormat::of(&request) {
+        Some(Endpoint::Check) => match LineFormat::of(&request) {
             Some(format) => Ok(check::check_stream(state.clone(), request, format)),
             None => check::check(state, request).await,
         },
