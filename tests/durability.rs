@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{lox24_event, NotifySocket, Options, Server, Tmpfs};
+use common::{lox24_event, LoopExt4, NotifySocket, Options, Server, Tmpfs};
 use serde_json::json;
 
 fn uuid_for(round: usize, i: usize) -> String {
@@ -301,6 +301,96 @@ async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
             assert_eq!(events.len(), 1, "{account}, round {round}");
         }
         // What the recovered store acknowledged is on disk: it survives a restart.
+        assert!(server.terminate().success(), "{}", server.logs());
+        server.restart();
+    }
+}
+
+/// A data directory that turns read-only under the running service (ext4 remounting itself
+/// read-only after an I/O error): deliveries get 500, lookups keep answering and the watchdog
+/// keeps being pinged; once the file system is repaired and mounted again, the store reopens
+/// itself and every acknowledged event is there, also after a restart.
+#[tokio::test]
+async fn a_data_directory_turned_read_only_answers_500_and_recovers_once_repaired() {
+    const TEST: &str = "a_data_directory_turned_read_only_answers_500_and_recovers_once_repaired";
+    if !common::tools_present(TEST, &["mkfs.ext4", "e2fsck", "losetup"]) {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let Some(fs) = LoopExt4::mount(&dir.path().join("fs.img"), &dir.path().join("data"), 64) else {
+        eprintln!("SKIPPED {TEST}: loop-mounting a file system needs root");
+        return;
+    };
+    let notify = NotifySocket::new();
+    let mut server = Server::start_in(
+        dir.clone(),
+        Options {
+            env: vec![
+                ("NOTIFY_SOCKET".into(), notify.path.clone()),
+                ("WATCHDOG_USEC".into(), "1000000".into()),
+            ],
+            ..Options::default()
+        },
+    );
+    let deliver = |i: usize| lox24_event(&uuid_for(9, i), &phone_for(9, i), 1_700_000_000);
+    for i in 0..20 {
+        assert_eq!(server.lox24(deliver(i)).await.status, 200, "delivery {i}");
+    }
+
+    fs.fail();
+    let refused = server.lox24(deliver(20)).await;
+    assert_eq!(refused.status, 500, "{}", server.logs());
+    assert!(refused.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("nothing was acknowledged"));
+    assert_eq!(server.lox24(deliver(21)).await.status, 500);
+    for i in [0, 19] {
+        let lookup = server.get(&format!("/v1/phones/{}", phone_for(9, i))).await;
+        assert_eq!(lookup.status, 200);
+        assert_eq!(lookup.json()["suppressed"], true, "number {i}");
+    }
+    notify.clear();
+    let read_only_since = Instant::now();
+    notify.wait_for("WATCHDOG=1");
+    notify.wait_for("WATCHDOG=1");
+    assert!(read_only_since.elapsed() < Duration::from_secs(3));
+    // Watchdog barriers write nothing, and do not count as writes working again.
+    assert!(
+        !server.logs().contains("store writes succeed again"),
+        "{}",
+        server.logs()
+    );
+
+    fs.repair();
+    let mut recovered = false;
+    for _ in 0..150 {
+        match server.try_lox24(deliver(20)).await {
+            Some(200) => {
+                recovered = true;
+                break;
+            }
+            Some(500 | 503) | None => tokio::time::sleep(Duration::from_millis(100)).await,
+            Some(other) => panic!("retry answered {other}"),
+        }
+    }
+    assert!(
+        recovered,
+        "no delivery succeeded after the file system was repaired:\n{}",
+        server.logs()
+    );
+    assert!(server
+        .logs()
+        .contains("database reopened; writes are accepted again"));
+    for round in 0..2 {
+        for i in 0..=20 {
+            let lookup = server.get(&format!("/v1/phones/{}", phone_for(9, i))).await;
+            assert_eq!(
+                lookup.json()["suppressed"],
+                true,
+                "number {i}, round {round}"
+            );
+        }
         assert!(server.terminate().success(), "{}", server.logs());
         server.restart();
     }

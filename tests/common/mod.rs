@@ -605,6 +605,110 @@ impl Drop for Tmpfs {
     }
 }
 
+/// An ext4 file system in an image file, loop-mounted with `errors=remount-ro`: the kernel's
+/// own way of turning a data directory read-only under a running service.
+pub struct LoopExt4 {
+    image: std::path::PathBuf,
+    mount_point: std::path::PathBuf,
+    devices: std::sync::Mutex<Vec<String>>,
+}
+
+impl LoopExt4 {
+    /// A fresh file system of `megabytes` mounted at `mount_point`, or `None` where this user
+    /// may not mount (the test then says so).
+    pub fn mount(
+        image: &std::path::Path,
+        mount_point: &std::path::Path,
+        megabytes: u64,
+    ) -> Option<LoopExt4> {
+        std::fs::File::create(image)
+            .unwrap()
+            .set_len(megabytes << 20)
+            .unwrap();
+        let made = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(image)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfs.ext4 failed");
+        std::fs::create_dir_all(mount_point).unwrap();
+        let fs = LoopExt4 {
+            image: image.to_owned(),
+            mount_point: mount_point.to_owned(),
+            devices: std::sync::Mutex::new(Vec::new()),
+        };
+        fs.attach().then_some(fs)
+    }
+
+    /// Mounts the image through a loop device of its own: `mount -o loop` would reuse the one
+    /// still attached, and with it the kernel's read-only instance of the file system.
+    fn attach(&self) -> bool {
+        let Ok(losetup) = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&self.image)
+            .stderr(Stdio::null())
+            .output()
+        else {
+            return false;
+        };
+        if !losetup.status.success() {
+            return false;
+        }
+        let device = String::from_utf8(losetup.stdout).unwrap().trim().to_owned();
+        self.devices.lock().unwrap().push(device.clone());
+        Command::new("mount")
+            .args(["-o", "errors=remount-ro", &device])
+            .arg(&self.mount_point)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
+    /// Makes ext4 report an error, as it does on an I/O failure: it turns the file system
+    /// read-only at once, open files included.
+    pub fn fail(&self) {
+        let devices = self.devices.lock().unwrap();
+        let device = devices.last().unwrap().trim_start_matches("/dev/");
+        std::fs::write(
+            format!("/sys/fs/ext4/{device}/trigger_fs_error"),
+            "suppressd test",
+        )
+        .unwrap();
+    }
+
+    /// What an operator does once the cause is fixed: the file system is checked and mounted
+    /// again. Files the service still holds keep the read-only instance alive until it lets go.
+    pub fn repair(&self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount_point)
+            .status();
+        let checked = Command::new("e2fsck")
+            .args(["-f", "-y"])
+            .arg(&self.image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        // 0: clean, 1: errors corrected.
+        assert!(matches!(checked.code(), Some(0 | 1)), "e2fsck: {checked:?}");
+        assert!(self.attach(), "mounting the repaired file system failed");
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount_point)
+            .status();
+        // A device still in use is detached once its last user lets go.
+        for device in self.devices.lock().unwrap().iter() {
+            let _ = Command::new("losetup").args(["-d", device]).status();
+        }
+    }
+}
+
 /// A datagram socket standing in for systemd's notification socket.
 pub struct NotifySocket {
     socket: std::os::unix::net::UnixDatagram,
