@@ -17,6 +17,18 @@ fn send(states: &[NotifyState]) {
     }
 }
 
+/// The socket is a blocking datagram socket: a manager that does not read it (its queue is
+/// full) would otherwise stall one of the runtime's few worker threads with each ping. Awaiting
+/// the send keeps at most one ping waiting; a ping that cannot be delivered is late either way.
+async fn send_off_runtime(states: Vec<NotifyState<'static>>) {
+    if tokio::task::spawn_blocking(move || send(&states))
+        .await
+        .is_err()
+    {
+        tracing::warn!("notifying the service manager panicked");
+    }
+}
+
 pub fn ready() {
     send(&[NotifyState::Ready, NotifyState::Status("serving")]);
 }
@@ -50,11 +62,14 @@ pub async fn watchdog(state: Arc<AppState>) {
     loop {
         ticks.tick().await;
         match tokio::time::timeout(period, state.store.ping()).await {
-            Ok(Ok(())) => send(&[NotifyState::Watchdog]),
-            _ if state.store.is_reopening() => send(&[
-                NotifyState::Watchdog,
-                NotifyState::Status("reopening the database after a storage failure"),
-            ]),
+            Ok(Ok(())) => send_off_runtime(vec![NotifyState::Watchdog]).await,
+            _ if state.store.is_reopening() => {
+                send_off_runtime(vec![
+                    NotifyState::Watchdog,
+                    NotifyState::Status("reopening the database after a storage failure"),
+                ])
+                .await
+            }
             Ok(Err(e)) => {
                 tracing::error!("store is not answering ({e}); withholding the watchdog ping")
             }

@@ -3,11 +3,13 @@
 //! (webhooks) and HTTP (API).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -232,6 +234,19 @@ impl Server {
 
     /// Starts the binary with the stored arguments and waits for its "ready" line.
     fn launch(&mut self) {
+        if let Err((status, logs)) = self.try_launch() {
+            panic!("server did not become ready ({status:?}); log:\n{logs}");
+        }
+    }
+
+    /// Starts the same configuration again, or says how the start failed: the exit status
+    /// (`None` if it neither got ready nor exited within 30 s) and the log.
+    pub fn try_restart(&mut self) -> Result<(), (Option<ExitStatus>, String)> {
+        assert!(self.child.is_none(), "stop the server first");
+        self.try_launch()
+    }
+
+    fn try_launch(&mut self) -> Result<(), (Option<ExitStatus>, String)> {
         let mut command = match self.prefix.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -262,18 +277,28 @@ impl Server {
                 logs.lock().unwrap().push(line);
             }
         });
-        let ready = ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "server did not become ready; log:\n{}",
-                    self.logs.lock().unwrap().join("\n")
-                )
-            });
+        let Ok(ready) = ready_rx.recv_timeout(Duration::from_secs(30)) else {
+            // Its log ending comes just before its exit can be collected.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let status = loop {
+                match child.try_wait().unwrap() {
+                    Some(status) => break Some(status),
+                    None if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    None => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                }
+            };
+            return Err((status, self.logs.lock().unwrap().join("\n")));
+        };
         self.webhook = field(&ready, "webhook=").parse().unwrap();
         self.api = field(&ready, "api=").parse().unwrap();
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
@@ -711,21 +736,38 @@ impl Drop for LoopExt4 {
 
 /// A datagram socket standing in for systemd's notification socket.
 pub struct NotifySocket {
-    socket: std::os::unix::net::UnixDatagram,
+    received: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+    stop: Arc<AtomicBool>,
     _dir: tempfile::TempDir,
     pub path: String,
 }
 
 impl NotifySocket {
+    /// Binds the socket and, like systemd, reads it all the time: a manager that stops
+    /// reading makes the service's notifications block once the socket's queue is full.
     pub fn new() -> NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
         socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
+        let received = Arc::new((Mutex::new(VecDeque::new()), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (inbox, stopped) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    inbox.0.lock().unwrap().push_back(message);
+                    inbox.1.notify_all();
+                }
+            }
+        });
         NotifySocket {
-            socket,
+            received,
+            stop,
             path: path.display().to_string(),
             _dir: dir,
         }
@@ -733,27 +775,33 @@ impl NotifySocket {
 
     /// Forgets the messages received so far.
     pub fn clear(&self) {
-        self.socket.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 4096];
-        while self.socket.recv(&mut buf).is_ok() {}
-        self.socket.set_nonblocking(false).unwrap();
+        self.received.0.lock().unwrap().clear();
     }
 
-    /// Reads messages until one contains `line`; returns everything read up to it.
+    /// Takes messages until one contains `line`; returns everything taken up to it. Fails after
+    /// 10 s without one.
     pub fn wait_for(&self, line: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
         let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
+        let mut messages = self.received.0.lock().unwrap();
         loop {
-            let n = self
-                .socket
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no {line} within 10 s (saw {seen:?}): {e}"));
-            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let found = message.lines().any(|l| l == line);
-            seen.push(message);
-            if found {
-                return seen;
+            while let Some(message) = messages.pop_front() {
+                let found = message.lines().any(|l| l == line);
+                seen.push(message);
+                if found {
+                    return seen;
+                }
             }
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no {line} within 10 s (saw {seen:?})"));
+            messages = self.received.1.wait_timeout(messages, left).unwrap().0;
         }
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
