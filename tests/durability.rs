@@ -18,6 +18,18 @@ fn phone_for(round: usize, i: usize) -> String {
     format!("+4915{round:02}{i:07}")
 }
 
+/// Retries a delivery as a provider would, every 100 ms for up to 15 s; whether it got a 200.
+async fn retried_until_accepted(server: &Server, delivery: &str) -> bool {
+    for _ in 0..150 {
+        match server.try_lox24(delivery.to_owned()).await {
+            Some(200) => return true,
+            Some(500 | 503) | None => tokio::time::sleep(Duration::from_millis(100)).await,
+            Some(other) => panic!("retry answered {other}"),
+        }
+    }
+    false
+}
+
 #[tokio::test]
 async fn acknowledged_events_survive_a_graceful_restart() {
     let mut server = Server::start(Options::default());
@@ -260,19 +272,8 @@ async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
         &phone_for(7, failed_at),
         1_700_000_000,
     );
-    let mut recovered = false;
-    for _ in 0..150 {
-        match server.try_lox24(retry.clone()).await {
-            Some(200) => {
-                recovered = true;
-                break;
-            }
-            Some(500 | 503) | None => tokio::time::sleep(Duration::from_millis(100)).await,
-            Some(other) => panic!("retry answered {other}"),
-        }
-    }
     assert!(
-        recovered,
+        retried_until_accepted(&server, &retry).await,
         "no delivery succeeded after space returned:\n{}",
         server.logs()
     );
@@ -363,19 +364,8 @@ async fn a_data_directory_turned_read_only_answers_500_and_recovers_once_repaire
     );
 
     fs.repair();
-    let mut recovered = false;
-    for _ in 0..150 {
-        match server.try_lox24(deliver(20)).await {
-            Some(200) => {
-                recovered = true;
-                break;
-            }
-            Some(500 | 503) | None => tokio::time::sleep(Duration::from_millis(100)).await,
-            Some(other) => panic!("retry answered {other}"),
-        }
-    }
     assert!(
-        recovered,
+        retried_until_accepted(&server, &deliver(20)).await,
         "no delivery succeeded after the file system was repaired:\n{}",
         server.logs()
     );

@@ -640,12 +640,17 @@ pub struct LoopExt4 {
 
 impl LoopExt4 {
     /// A fresh file system of `megabytes` mounted at `mount_point`, or `None` where this user
-    /// may not mount (the test then says so).
+    /// may not mount (not root: the test then says so). As root, failing to mount fails the test.
+    #[allow(unsafe_code)]
     pub fn mount(
         image: &std::path::Path,
         mount_point: &std::path::Path,
         megabytes: u64,
     ) -> Option<LoopExt4> {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
         std::fs::File::create(image)
             .unwrap()
             .set_len(megabytes << 20)
@@ -662,31 +667,43 @@ impl LoopExt4 {
             mount_point: mount_point.to_owned(),
             devices: std::sync::Mutex::new(Vec::new()),
         };
-        fs.attach().then_some(fs)
+        fs.attach();
+        Some(fs)
     }
 
     /// Mounts the image through a loop device of its own: `mount -o loop` would reuse the one
-    /// still attached, and with it the kernel's read-only instance of the file system.
-    fn attach(&self) -> bool {
-        let Ok(losetup) = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&self.image)
-            .stderr(Stdio::null())
-            .output()
-        else {
-            return false;
+    /// still attached, and with it the kernel's read-only instance of the file system. Tests
+    /// running at once can race for the same free device, so taking one is retried.
+    fn attach(&self) {
+        let mut attempts = 0;
+        let device = loop {
+            let losetup = Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&self.image)
+                .output()
+                .unwrap();
+            if losetup.status.success() {
+                break String::from_utf8(losetup.stdout).unwrap().trim().to_owned();
+            }
+            attempts += 1;
+            assert!(
+                attempts < 10,
+                "losetup failed: {}",
+                String::from_utf8_lossy(&losetup.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
         };
-        if !losetup.status.success() {
-            return false;
-        }
-        let device = String::from_utf8(losetup.stdout).unwrap().trim().to_owned();
         self.devices.lock().unwrap().push(device.clone());
-        Command::new("mount")
+        let mounted = Command::new("mount")
             .args(["-o", "errors=remount-ro", &device])
             .arg(&self.mount_point)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
+            .output()
+            .unwrap();
+        assert!(
+            mounted.status.success(),
+            "mounting {device} failed: {}",
+            String::from_utf8_lossy(&mounted.stderr)
+        );
     }
 
     /// Makes ext4 report an error, as it does on an I/O failure: it turns the file system
@@ -717,7 +734,7 @@ impl LoopExt4 {
             .unwrap();
         // 0: clean, 1: errors corrected.
         assert!(matches!(checked.code(), Some(0 | 1)), "e2fsck: {checked:?}");
-        assert!(self.attach(), "mounting the repaired file system failed");
+        self.attach();
     }
 }
 
