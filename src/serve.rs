@@ -154,14 +154,14 @@ pub async fn serve(
         data_dir = %args.data_dir.display(),
         "suppressd ready"
     );
-    systemd::ready();
+    systemd::ready().await;
     if let Some(tls) = &tls {
         tokio::spawn(reload_on_sighup(tls.clone()));
     }
     tokio::spawn(systemd::watchdog(state.clone()));
     let shutdown = async {
         shutdown_signal().await;
-        systemd::stopping();
+        systemd::stopping().await;
     };
     server::run(listeners, tls, state, shutdown).await;
     Ok(())
@@ -193,7 +193,7 @@ async fn reload_on_sighup(tls: Arc<Tls>) {
         return;
     };
     while hangups.recv().await.is_some() {
-        systemd::reloading();
+        systemd::reloading().await;
         match tls.reload() {
             Ok(fingerprint) => tracing::info!(
                 "SIGHUP: reloaded the TLS certificate (SHA-256 fingerprint {fingerprint})"
@@ -203,7 +203,7 @@ async fn reload_on_sighup(tls: Arc<Tls>) {
                 tls.fingerprint()
             ),
         }
-        systemd::ready();
+        systemd::ready().await;
     }
 }
 

@@ -11,40 +11,36 @@ use sd_notify::NotifyState;
 
 use crate::server::AppState;
 
-fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!("cannot notify the service manager: {e}");
-    }
-}
-
 /// The socket is a blocking datagram socket: a manager that does not read it (its queue is
-/// full) would otherwise stall one of the runtime's few worker threads with each ping. Awaiting
-/// the send keeps at most one ping waiting; a ping that cannot be delivered is late either way.
-async fn send_off_runtime(states: Vec<NotifyState<'static>>) {
-    if tokio::task::spawn_blocking(move || send(&states))
-        .await
-        .is_err()
-    {
-        tracing::warn!("notifying the service manager panicked");
+/// full) would stall one of the runtime's few worker threads with each message. The send runs
+/// on a blocking thread instead, and awaiting it keeps at most one message per caller waiting;
+/// a message that cannot be delivered is late either way.
+async fn send(states: Vec<NotifyState<'static>>) {
+    match tokio::task::spawn_blocking(move || sd_notify::notify(&states)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot notify the service manager: {e}"),
+        Err(e) => tracing::warn!("notifying the service manager failed: {e}"),
     }
 }
 
-pub fn ready() {
-    send(&[NotifyState::Ready, NotifyState::Status("serving")]);
+pub async fn ready() {
+    send(vec![NotifyState::Ready, NotifyState::Status("serving")]).await;
 }
 
-pub fn reloading() {
-    send(&[
+pub async fn reloading() {
+    send(vec![
         NotifyState::Reloading,
         NotifyState::Status("reloading the TLS certificate"),
-    ]);
+    ])
+    .await;
 }
 
-pub fn stopping() {
-    send(&[
+pub async fn stopping() {
+    send(vec![
         NotifyState::Stopping,
         NotifyState::Status("finishing in-flight requests"),
-    ]);
+    ])
+    .await;
 }
 
 /// Pings the watchdog at half its interval, but only while a barrier sent through the committer
@@ -62,9 +58,9 @@ pub async fn watchdog(state: Arc<AppState>) {
     loop {
         ticks.tick().await;
         match tokio::time::timeout(period, state.store.ping()).await {
-            Ok(Ok(())) => send_off_runtime(vec![NotifyState::Watchdog]).await,
+            Ok(Ok(())) => send(vec![NotifyState::Watchdog]).await,
             _ if state.store.is_reopening() => {
-                send_off_runtime(vec![
+                send(vec![
                     NotifyState::Watchdog,
                     NotifyState::Status("reopening the database after a storage failure"),
                 ])
@@ -91,10 +87,10 @@ pub async fn while_opening<T>(opening: impl std::future::Future<Output = T>) -> 
     loop {
         tokio::select! {
             done = &mut opening => return done,
-            _ = ticks.tick() => send(&[
+            _ = ticks.tick() => send(vec![
                 NotifyState::ExtendTimeoutUsec(EXTEND_BY_USEC),
                 NotifyState::Status("opening the database"),
-            ]),
+            ]).await,
         }
     }
 }
