@@ -230,8 +230,7 @@ impl Store {
             phones: Arc::new(index::PhoneIndex::new()),
             suppressed_accounts: Arc::new(AtomicI64::new(0)),
         };
-        let (database, wal) =
-            recover(config, 0, &applier).map_err(|e| e.found_at_open(&config.dir.join("db")))?;
+        let (database, wal) = recover(config, 0, &applier)?;
         let database = Arc::new(database::Slot::new(database));
         let (phones, suppressed_accounts) =
             (applier.phones.clone(), applier.suppressed_accounts.clone());
@@ -455,7 +454,18 @@ impl Store {
 /// Opens the database and brings it up to date, as at start and after a storage failure: sled
 /// recovers its own log, the WAL's records are replayed (idempotently) and checkpointed, and the
 /// in-memory views are rebuilt from the records. Returns the database and the emptied WAL.
+/// Damage found on the way is reported as the database's corruption, at a start and at a reopen
+/// alike.
 fn recover(
+    config: &StoreConfig,
+    generation: u64,
+    applier: &committer::Applier,
+) -> Result<(database::Database, wal::Wal), StoreError> {
+    open_and_catch_up(config, generation, applier)
+        .map_err(|e| e.found_at_open(&config.dir.join("db")))
+}
+
+fn open_and_catch_up(
     config: &StoreConfig,
     generation: u64,
     applier: &committer::Applier,
