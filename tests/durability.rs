@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -406,16 +407,15 @@ async fn after_a_power_cut_under_load_every_acknowledged_number_is_there_or_the_
             eprintln!("SKIPPED {TEST}: loop-mounting a file system needs root");
             return;
         };
-        let server = Server::start_in(dir.clone(), Options::default());
+        let server = Arc::new(Server::start_in(dir.clone(), Options::default()));
         let acknowledged = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let server = Arc::new(server);
-        let mut senders = Vec::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut load = Vec::new();
         for sender in 0..8 {
             let (server, acknowledged, stop) = (server.clone(), acknowledged.clone(), stop.clone());
-            senders.push(tokio::spawn(async move {
+            load.push(tokio::spawn(async move {
                 let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let phone = format!("+4917{round}{sender:02}{i:06}");
                     let id = format!("0000{round}{sender:03}-0000-4000-8000-{i:012}");
                     if server
@@ -430,11 +430,11 @@ async fn after_a_power_cut_under_load_every_acknowledged_number_is_there_or_the_
             }));
         }
         // Imports move far more data through sled than deliveries do in a debug build.
-        let importer = {
+        load.push({
             let (server, acknowledged, stop) = (server.clone(), acknowledged.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut batch = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let phones: Vec<String> = (0..2_000)
                         .map(|i| format!("+4916{round}{batch:03}{i:05}"))
                         .collect();
@@ -452,17 +452,16 @@ async fn after_a_power_cut_under_load_every_acknowledged_number_is_there_or_the_
                     batch += 1;
                 }
             })
-        };
-        senders.push(importer);
+        });
         tokio::time::sleep(Duration::from_millis(1500)).await;
         fs.fail();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for sender in senders {
-            sender.await.unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for task in load {
+            task.await.unwrap();
         }
         let Ok(mut server) = Arc::try_unwrap(server) else {
-            panic!("a sender still holds the server");
+            panic!("a load task still holds the server");
         };
         server.kill();
         fs.repair();
@@ -471,9 +470,7 @@ async fn after_a_power_cut_under_load_every_acknowledged_number_is_there_or_the_
             !acknowledged.is_empty(),
             "round {round}: nothing was acknowledged"
         );
-        let started = server.try_restart();
-        let outcome = if started.is_ok() { "opened" } else { "refused" };
-        match started {
+        let outcome = match server.try_restart() {
             Ok(()) => {
                 opened += 1;
                 for chunk in acknowledged.chunks(1000) {
@@ -486,6 +483,7 @@ async fn after_a_power_cut_under_load_every_acknowledged_number_is_there_or_the_
                         assert_eq!(result["suppressed"], true, "round {round}: {phone} lost");
                     }
                 }
+                "opened"
             }
             Err((status, logs)) => {
                 refused += 1;
@@ -495,8 +493,9 @@ async fn after_a_power_cut_under_load_every_acknowledged_number_is_there_or_the_
                     "round {round}:\n{logs}"
                 );
                 assert!(logs.contains("is corrupt"), "round {round}:\n{logs}");
+                "refused"
             }
-        }
+        };
         eprintln!(
             "round {round}: {} acknowledged; {outcome}",
             acknowledged.len()

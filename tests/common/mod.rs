@@ -633,20 +633,16 @@ impl Drop for Tmpfs {
 /// An ext4 file system in an image file, loop-mounted with `errors=remount-ro`: the kernel's
 /// own way of turning a data directory read-only under a running service.
 pub struct LoopExt4 {
-    image: std::path::PathBuf,
-    mount_point: std::path::PathBuf,
-    devices: std::sync::Mutex<Vec<String>>,
+    image: PathBuf,
+    mount_point: PathBuf,
+    devices: Mutex<Vec<String>>,
 }
 
 impl LoopExt4 {
     /// A fresh file system of `megabytes` mounted at `mount_point`, or `None` where this user
     /// may not mount (not root: the test then says so). As root, failing to mount fails the test.
     #[allow(unsafe_code)]
-    pub fn mount(
-        image: &std::path::Path,
-        mount_point: &std::path::Path,
-        megabytes: u64,
-    ) -> Option<LoopExt4> {
+    pub fn mount(image: &Path, mount_point: &Path, megabytes: u64) -> Option<LoopExt4> {
         // SAFETY: geteuid(2) has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return None;
@@ -665,7 +661,7 @@ impl LoopExt4 {
         let fs = LoopExt4 {
             image: image.to_owned(),
             mount_point: mount_point.to_owned(),
-            devices: std::sync::Mutex::new(Vec::new()),
+            devices: Mutex::new(Vec::new()),
         };
         fs.attach();
         Some(fs)
