@@ -68,11 +68,10 @@ impl Wal {
             offset = next;
         }
         // A torn record is the one right after the last intact one, unless that spot holds
-        // the preallocated zeros or an older epoch's record.
+        // the preallocated zeros, an older epoch's record or the empty record that starts an
+        // epoch.
         let discarded = match bytes.get(offset..offset + HEADER) {
-            Some(header)
-                if header.iter().any(|&b| b != 0) && record_epoch(header) == Some(epoch) =>
-            {
+            Some(header) if header[..4] != [0; 4] && record_epoch(header) == Some(epoch) => {
                 file.write_all_at(&[0; HEADER], offset as u64)?;
                 file.sync_data()?;
                 HEADER as u64
@@ -118,8 +117,17 @@ impl Wal {
     }
 
     /// Empties the log once a checkpoint made its contents redundant: a new epoch at offset 0.
+    ///
+    /// The new epoch is written down at once, as an empty record: otherwise the old epoch's
+    /// records would still lead the file, and every start after a clean shutdown would replay
+    /// them all again (harmless, being duplicates, but slow with a full log).
     pub fn clear(&mut self) -> std::io::Result<()> {
-        self.epoch += 1;
+        let epoch = self.epoch + 1;
+        let mut marker = [0u8; HEADER];
+        marker[8..].copy_from_slice(&epoch.to_le_bytes());
+        self.file.write_all_at(&marker, 0)?;
+        self.file.sync_data()?;
+        self.epoch = epoch;
         self.len = 0;
         Ok(())
     }
@@ -221,13 +229,14 @@ mod tests {
         wal.append(&[&event(2)]).expect("append");
         wal.clear().expect("clear");
         drop(wal);
+        let recovered = Wal::open(&path).expect("open");
         assert!(
-            Wal::open(&path).expect("open").batches.len() == 2,
-            "not yet overwritten: old epoch replays"
+            recovered.batches.is_empty(),
+            "a cleared log replays nothing"
         );
+        assert_eq!(recovered.discarded, 0);
 
-        let mut wal = Wal::open(&path).expect("open").wal;
-        wal.clear().expect("clear");
+        let mut wal = recovered.wal;
         wal.append(&[&event(7)]).expect("append");
         drop(wal);
         let recovered = Wal::open(&path).expect("open");
