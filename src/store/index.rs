@@ -3,21 +3,40 @@
 //! sled stays the source of truth; this is a derived view that the committer updates right after
 //! every batch it applies, and that is rebuilt from sled at open (and when the database is
 //! reopened after a storage failure). It maps the digits of a suppressed E.164 number (at most
-//! 15, so they fit a `u64`) to its `since`; a number that is not in it is not suppressed. About
-//! 20–40 bytes per suppressed number, against one sled point read (a tree descent plus cache
-//! bookkeeping) per number without it.
+//! 15, so they fit a `u64`) to its `since`; a number that is not in it is not suppressed.
 //!
-//! Sharded so that a bulk check and the committer never wait for each other for long.
+//! Memory per number is what the operator pays for every suppressed number, so the numbers live
+//! in sorted arrays (16 bytes per number: the digits and `since`) rather than a hash map (36
+//! bytes at its power-of-two capacity). Changes first go to a small map of recent changes per
+//! shard, which is merged into the arrays once it holds a sixteenth of them, so a change costs
+//! amortised O(1) copies and a lookup is one map probe and one binary search.
+//!
+//! Sharded so that a bulk check and the committer never wait for each other for long: a merge
+//! holds one shard, a sixty-fourth of the numbers.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::record::{decode_status, Status};
 
 const SHARDS: usize = 64;
+/// Recent changes a shard keeps unmerged at least, so that small lists are not re-sorted for
+/// every change.
+const MIN_RECENT: usize = 1024;
 
 pub(super) struct PhoneIndex {
-    shards: Vec<RwLock<HashMap<u64, i64>>>,
+    shards: Vec<RwLock<Shard>>,
+}
+
+#[derive(Default)]
+struct Shard {
+    /// Suppressed numbers, ascending and unique; `since_ms[i]` belongs to `numbers[i]`.
+    numbers: Vec<u64>,
+    since_ms: Vec<i64>,
+    /// Changes not yet merged into the arrays: `Some(since)` suppressed, `None` lifted.
+    recent: HashMap<u64, Option<i64>>,
+    /// Numbers suppressed after `recent` is applied.
+    suppressed: usize,
 }
 
 /// The digits of an E.164 number as an integer; `None` for anything else.
@@ -31,70 +50,169 @@ pub(super) fn phone_number(e164: &str) -> Option<u64> {
     })
 }
 
-impl PhoneIndex {
-    pub fn new() -> Self {
-        PhoneIndex {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+fn shard_of(number: u64) -> usize {
+    // Numbers are dense in their low digits; mixing keeps shards even.
+    let mixed = number.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> 58) as usize % SHARDS
+}
+
+impl Shard {
+    fn since(&self, number: u64) -> Option<i64> {
+        match self.recent.get(&number) {
+            Some(&change) => change,
+            None => self
+                .numbers
+                .binary_search(&number)
+                .ok()
+                .and_then(|i| self.since_ms.get(i).copied()),
         }
     }
 
-    fn shard(&self, number: u64) -> &RwLock<HashMap<u64, i64>> {
-        // Numbers are dense in their low digits; mixing keeps shards even.
-        let mixed = number.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        &self.shards[(mixed >> 58) as usize % SHARDS]
+    fn set(&mut self, number: u64, since_ms: Option<i64>) {
+        match (self.since(number).is_some(), since_ms.is_some()) {
+            (false, true) => self.suppressed += 1,
+            (true, false) => self.suppressed -= 1,
+            _ => {}
+        }
+        self.recent.insert(number, since_ms);
+        if self.recent.len() > MIN_RECENT.max(self.numbers.len() / 16) {
+            self.merge();
+        }
+    }
+
+    /// Folds the recent changes into new arrays sized exactly, so that no capacity is left over.
+    fn merge(&mut self) {
+        let mut recent: Vec<(u64, Option<i64>)> =
+            std::mem::take(&mut self.recent).into_iter().collect();
+        recent.sort_unstable_by_key(|&(number, _)| number);
+        let mut numbers = Vec::with_capacity(self.suppressed);
+        let mut since_ms = Vec::with_capacity(self.suppressed);
+        let mut old = self
+            .numbers
+            .iter()
+            .copied()
+            .zip(self.since_ms.iter().copied())
+            .peekable();
+        for (number, change) in recent {
+            while let Some(&(kept, since)) = old.peek() {
+                if kept >= number {
+                    break;
+                }
+                numbers.push(kept);
+                since_ms.push(since);
+                old.next();
+            }
+            if old.peek().is_some_and(|&(kept, _)| kept == number) {
+                old.next();
+            }
+            if let Some(since) = change {
+                numbers.push(number);
+                since_ms.push(since);
+            }
+        }
+        for (kept, since) in old {
+            numbers.push(kept);
+            since_ms.push(since);
+        }
+        self.numbers = numbers;
+        self.since_ms = since_ms;
+    }
+}
+
+fn read(shard: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
+    shard
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write(shard: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
+    shard
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl PhoneIndex {
+    pub fn new() -> Self {
+        PhoneIndex {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+        }
     }
 
     pub fn status(&self, number: u64) -> Status {
-        let shard = match self.shard(number).read() {
-            Ok(shard) => shard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        match shard.get(&number) {
-            Some(&since_ms) => Status {
-                suppressed: true,
-                since_ms: Some(since_ms),
-            },
-            None => Status::default(),
+        let since_ms = read(&self.shards[shard_of(number)]).since(number);
+        Status {
+            suppressed: since_ms.is_some(),
+            since_ms,
         }
     }
 
     /// Records the state of a phone record just written (`value` is the stored record).
     pub fn update(&self, number: u64, value: &[u8]) {
         let status = decode_status(value).unwrap_or_default();
-        let mut shard = match self.shard(number).write() {
-            Ok(shard) => shard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        match (status.suppressed, status.since_ms) {
-            (true, Some(since_ms)) => {
-                shard.insert(number, since_ms);
-            }
-            _ => {
-                shard.remove(&number);
-            }
-        }
+        let since_ms = status.since_ms.filter(|_| status.suppressed);
+        write(&self.shards[shard_of(number)]).set(number, since_ms);
     }
 
     /// Takes over `other`'s contents, shard by shard: a reader sees each shard either as it was
     /// or as it is in `other`, never half-filled.
     pub fn replace(&self, other: PhoneIndex) {
         for (shard, new) in self.shards.iter().zip(other.shards) {
-            let new = new.into_inner().unwrap_or_else(|p| p.into_inner());
-            *shard.write().unwrap_or_else(|p| p.into_inner()) = new;
+            *write(shard) = new.into_inner().unwrap_or_else(|p| p.into_inner());
         }
     }
 
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().map_or_else(|p| p.into_inner().len(), |s| s.len()))
-            .sum()
+        self.shards.iter().map(|shard| read(shard).suppressed).sum()
+    }
+}
+
+/// Builds an index from every stored phone record, without the merge steps of `update`: records
+/// come in key order, which for E.164 digits (no leading zero; shorter keys first) is ascending.
+pub(super) struct IndexBuilder {
+    shards: Vec<Shard>,
+}
+
+impl IndexBuilder {
+    pub fn new() -> Self {
+        IndexBuilder {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+        }
+    }
+
+    pub fn add(&mut self, number: u64, value: &[u8]) {
+        let status = decode_status(value).unwrap_or_default();
+        let Some(since_ms) = status.since_ms.filter(|_| status.suppressed) else {
+            return;
+        };
+        let shard = &mut self.shards[shard_of(number)];
+        if shard.numbers.last().is_some_and(|&last| last >= number) {
+            // Out of order (not expected from a key scan): an ordinary change keeps it right.
+            shard.set(number, Some(since_ms));
+            return;
+        }
+        shard.numbers.push(number);
+        shard.since_ms.push(since_ms);
+        shard.suppressed += 1;
+    }
+
+    pub fn build(self) -> PhoneIndex {
+        PhoneIndex {
+            shards: self
+                .shards
+                .into_iter()
+                .map(|mut shard| {
+                    shard.merge();
+                    RwLock::new(shard)
+                })
+                .collect(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::record::{Reason, Record};
 
     #[test]
     fn phone_numbers_map_to_integers() {
@@ -105,22 +223,25 @@ mod tests {
         assert_eq!(phone_number("+1234567890123456"), None);
     }
 
-    #[test]
-    fn updates_follow_the_record() {
-        use crate::store::record::Record;
-        let index = PhoneIndex::new();
+    fn suppressed_since(since_ms: i64) -> Vec<u8> {
         let mut record = Record::default();
-        index.update(42, &record.encode());
-        assert_eq!(index.status(42), Status::default());
-        record.reasons.push(crate::store::record::Reason {
+        record.reasons.push(Reason {
             source: crate::event::Source::Lox24,
             kind: crate::event::Kind::Unsubscribe,
             event_id: None,
-            event_time: 7,
-            event_time_ms: 7_000,
+            event_time: since_ms / 1000,
+            event_time_ms: since_ms,
             details: serde_json::Map::new(),
         });
-        index.update(42, &record.encode());
+        record.encode()
+    }
+
+    #[test]
+    fn updates_follow_the_record() {
+        let index = PhoneIndex::new();
+        index.update(42, &Record::default().encode());
+        assert_eq!(index.status(42), Status::default());
+        index.update(42, &suppressed_since(7_000));
         assert_eq!(
             index.status(42),
             Status {
@@ -129,8 +250,58 @@ mod tests {
             }
         );
         assert_eq!(index.len(), 1);
-        record.reasons.clear();
-        index.update(42, &record.encode());
+        index.update(42, &Record::default().encode());
         assert_eq!(index.len(), 0);
+        assert_eq!(index.status(42), Status::default());
+    }
+
+    /// Enough changes to merge every shard several times, checked against a plain map.
+    #[test]
+    fn merged_arrays_agree_with_a_map_through_many_changes() {
+        let index = PhoneIndex::new();
+        let mut expected = HashMap::new();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for step in 0..400_000i64 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let number = 491_000_000_000 + state % 50_000;
+            if state % 3 == 0 {
+                index.update(number, &Record::default().encode());
+                expected.remove(&number);
+            } else {
+                index.update(number, &suppressed_since(step));
+                expected.insert(number, step);
+            }
+        }
+        assert_eq!(index.len(), expected.len());
+        for number in 491_000_000_000..491_000_050_000 {
+            assert_eq!(
+                index.status(number).since_ms,
+                expected.get(&number).copied()
+            );
+        }
+    }
+
+    #[test]
+    fn a_built_index_answers_like_an_updated_one() {
+        let mut builder = IndexBuilder::new();
+        for number in (1_000..3_000u64).chain([2_500, 10]) {
+            let value = if number % 7 == 0 {
+                Record::default().encode()
+            } else {
+                suppressed_since(number as i64)
+            };
+            builder.add(number, &value);
+        }
+        let index = builder.build();
+        assert_eq!(index.status(10).since_ms, Some(10));
+        assert_eq!(index.status(2_500).since_ms, Some(2_500));
+        assert_eq!(index.status(1_001).since_ms, None);
+        assert_eq!(index.status(3_000).since_ms, None);
+        assert_eq!(
+            index.len(),
+            1 + (1_000..3_000).filter(|n| n % 7 != 0).count()
+        );
     }
 }

@@ -512,16 +512,16 @@ fn open_and_catch_up(
     }
     let started = std::time::Instant::now();
     // One pass over every record rebuilds both in-memory views.
-    let phones = index::PhoneIndex::new();
+    let mut phones = index::IndexBuilder::new();
     let mut accounts = 0;
     for entry in database.tree.scan_prefix([RECORD]) {
         let (key, value) = entry?;
         match phone_of_record_key(&key) {
-            Some(number) => phones.update(number, &value),
+            Some(number) => phones.add(number, &value),
             None => accounts += i64::from(record::decode_status(&value)?.suppressed),
         }
     }
-    applier.phones.replace(phones);
+    applier.phones.replace(phones.build());
     applier
         .suppressed_accounts
         .store(accounts, Ordering::Relaxed);
