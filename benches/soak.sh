@@ -6,9 +6,9 @@
 # connections). Every 10 s it samples the service's RSS. At the end it prints throughput and
 # p50/p99/p99.9 per load, RSS over time, disk size and bytes per suppressed number; then it
 # SIGKILLs the service, restarts it and checks that the number of suppressed phones is the same
-# (nothing acknowledged was lost). CACHE_MB (default 256) is passed as --cache-mb. The loaded
-# numbers (+49103…) are apart from the ones deliveries create (+49101…), so every accepted
-# new delivery adds a suppressed phone.
+# (nothing acknowledged was lost), and prints its RSS once the restart has settled. CACHE_MB
+# (default 256) is passed as --cache-mb. The loaded numbers (+49103…) are apart from the ones
+# deliveries create (+49101…), so every accepted new delivery adds a suppressed phone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUMBERS=${SOAK_NUMBERS:-10000000}
@@ -68,6 +68,9 @@ start
 after=$(suppressed_phones)
 if [ "$after" = "$phones" ]; then
   echo "after SIGKILL and restart: $after suppressed phones, nothing lost"
+  # What a service holds once its import churn is behind it (as after an upgrade or reboot).
+  sleep 10
+  awk -v r="$(rss_mb)" -v n="$after" 'BEGIN {printf "RSS after the restart: %d MiB, %.1f B per suppressed number\n", r, r * 1048576 / n}'
 else
   echo "after SIGKILL and restart: $after suppressed phones, expected $phones" >&2
   exit 1
