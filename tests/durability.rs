@@ -48,6 +48,11 @@ async fn acknowledged_events_survive_a_graceful_restart() {
     let status = server.terminate();
     assert!(status.success(), "SIGTERM must exit 0, got {status:?}");
     server.restart();
+    assert!(
+        !server.logs().contains("replayed the write-ahead log"),
+        "a clean stop checkpoints and leaves nothing to replay:\n{}",
+        server.logs()
+    );
     assert_eq!(server.get("/v1/phones/+4915000000007").await.json(), before);
     for i in 0..20 {
         let record = server
