@@ -69,7 +69,12 @@ impl Shard {
     }
 
     fn set(&mut self, number: u64, since_ms: Option<i64>) {
-        match (self.since(number).is_some(), since_ms.is_some()) {
+        let current = self.since(number);
+        // Most writes (deliveries, repeated opt-outs) leave a number as it was.
+        if current == since_ms {
+            return;
+        }
+        match (current.is_some(), since_ms.is_some()) {
             (false, true) => self.suppressed += 1,
             (true, false) => self.suppressed -= 1,
             _ => {}
