@@ -50,6 +50,12 @@ pub(super) fn phone_number(e164: &str) -> Option<u64> {
     })
 }
 
+/// The `since` of a stored phone record if it is suppressed: what the index keeps of it.
+fn since_if_suppressed(value: &[u8]) -> Option<i64> {
+    let status = decode_status(value).unwrap_or_default();
+    status.since_ms.filter(|_| status.suppressed)
+}
+
 fn shard_of(number: u64) -> usize {
     // Numbers are dense in their low digits; mixing keeps shards even.
     let mixed = number.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -153,9 +159,7 @@ impl PhoneIndex {
 
     /// Records the state of a phone record just written (`value` is the stored record).
     pub fn update(&self, number: u64, value: &[u8]) {
-        let status = decode_status(value).unwrap_or_default();
-        let since_ms = status.since_ms.filter(|_| status.suppressed);
-        write(&self.shards[shard_of(number)]).set(number, since_ms);
+        write(&self.shards[shard_of(number)]).set(number, since_if_suppressed(value));
     }
 
     /// Takes over `other`'s contents, shard by shard: a reader sees each shard either as it was
@@ -185,8 +189,7 @@ impl IndexBuilder {
     }
 
     pub fn add(&mut self, number: u64, value: &[u8]) {
-        let status = decode_status(value).unwrap_or_default();
-        let Some(since_ms) = status.since_ms.filter(|_| status.suppressed) else {
+        let Some(since_ms) = since_if_suppressed(value) else {
             return;
         };
         let shard = &mut self.shards[shard_of(number)];
@@ -206,6 +209,7 @@ impl IndexBuilder {
                 .shards
                 .into_iter()
                 .map(|mut shard| {
+                    // Folds in any out-of-order change and drops the capacity left by growth.
                     shard.merge();
                     RwLock::new(shard)
                 })
@@ -258,6 +262,18 @@ mod tests {
         index.update(42, &Record::default().encode());
         assert_eq!(index.len(), 0);
         assert_eq!(index.status(42), Status::default());
+    }
+
+    #[test]
+    fn a_write_that_changes_nothing_adds_no_recent_change() {
+        let index = PhoneIndex::new();
+        for _ in 0..10 {
+            index.update(42, &suppressed_since(7_000));
+            index.update(43, &Record::default().encode());
+        }
+        let recent: usize = index.shards.iter().map(|s| read(s).recent.len()).sum();
+        assert_eq!(recent, 1, "only 42's suppression is a change");
+        assert_eq!(index.len(), 1);
     }
 
     /// Enough changes to merge every shard several times, checked against a plain map.
