@@ -15,11 +15,13 @@
 //! The file is preallocated with zeros and records are written in place from the start: an
 //! `fdatasync` that does not change the file's size or block map flushes data only, about half the
 //! cost of one that must also commit a size change to the filesystem journal. Emptying the log
-//! starts a new epoch at offset 0 instead of truncating; replay stops at the first record of
-//! another epoch, so the older records still further in the file are never read.
+//! starts a new epoch at offset 0 instead of truncating, by writing there an empty record of the
+//! new epoch; replay stops at the first record of another epoch (or the empty one), so the older
+//! records still further in the file are never read.
 //!
 //! Record layout: `len: u32 LE` ‖ `crc32(epoch ‖ payload): u32 LE` ‖ `epoch: u64 LE` ‖ payload
-//! (a JSON array of events).
+//! (a JSON array of events). The empty record that starts an epoch is a header with `len` and
+//! `crc` zero and no payload.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
