@@ -69,7 +69,8 @@ pub struct Event {
     pub subject: Subject,
     pub source: Source,
     pub kind: Kind,
-    /// Deduplicates redeliveries: the same key is applied once, ever.
+    /// Deduplicates redeliveries: the same key is applied once, ever (for a key suppressd
+    /// minted, once per subject; see [`mint_idempotency_key`]).
     pub idempotency_key: String,
     /// The provider's own id for the event, where it gives one.
     pub event_id: Option<String>,
@@ -79,6 +80,27 @@ pub struct Event {
     pub receive_time_ms: i64,
     /// The provider's descriptive fields, absent where the provider sent none or an ill-typed one.
     pub details: Map<String, Value>,
+}
+
+/// A fresh event id and the idempotency key made from it, for an event that suppressd itself
+/// originates (an imported number, a manual change) and that so has no key of its own.
+///
+/// Such a key can come back only with the event it was made for (an export imported again, a
+/// write-ahead-log replay), so with the same subject: the store finds it among that subject's
+/// history instead of keeping a key for it, which for an imported list is a third of its keys.
+pub fn mint_idempotency_key(source: Source) -> (String, String) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let key = format!("{}:{id}", source.as_str());
+    (id, key)
+}
+
+/// Whether `key` has the shape of one [`mint_idempotency_key`] makes. Provider keys never do:
+/// each provider's start with its own name.
+pub fn is_minted_idempotency_key(key: &str) -> bool {
+    [Source::Import, Source::Manual].iter().any(|source| {
+        key.strip_prefix(source.as_str())
+            .is_some_and(|rest| rest.starts_with(':'))
+    })
 }
 
 /// The current time in Unix milliseconds.

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::HttpError;
-use crate::event::{now_ms, Event, Kind, Source, Subject};
+use crate::event::{mint_idempotency_key, now_ms, Event, Kind, Source, Subject};
 use crate::server::AppState;
 use crate::store::{Outcome, StoredEvent};
 use crate::web::{media_type, ndjson_response, Line, LineFormat, LineReader, Request, Response};
@@ -174,13 +174,13 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
 }
 
 fn imported_unsubscribe(phone: String) -> Event {
-    let id = uuid::Uuid::new_v4().to_string();
+    let (id, idempotency_key) = mint_idempotency_key(Source::Import);
     let now = now_ms();
     Event {
         subject: Subject::Phone { phone },
         source: Source::Import,
         kind: Kind::Unsubscribe,
-        idempotency_key: format!("import:{id}"),
+        idempotency_key,
         event_id: Some(id),
         event_time_ms: now,
         receive_time_ms: now,

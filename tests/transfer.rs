@@ -74,13 +74,27 @@ async fn export_then_import_into_an_empty_store_round_trips_exactly() {
         200
     );
 
+    // A plain list's number: its event's idempotency key is one suppressd minted.
+    assert_eq!(
+        source
+            .api_with(
+                "POST",
+                "/v1/import",
+                &[("content-type", "text/csv")],
+                "+49308881000\n".to_string()
+            )
+            .await
+            .status,
+        200
+    );
+
     let export = source.get("/v1/export").await;
     assert_eq!(export.status, 200);
     assert_eq!(export.headers["content-type"], "application/x-ndjson");
     assert_eq!(
         export.text.lines().count(),
-        32,
-        "30 phones, one Sendios account, one manual account"
+        33,
+        "31 phones, one Sendios account, one manual account"
     );
 
     let target = Server::start(with_sendios());
@@ -95,7 +109,7 @@ async fn export_then_import_into_an_empty_store_round_trips_exactly() {
     assert_eq!(imported.status, 200, "{}", imported.text);
     assert_eq!(
         imported.json(),
-        json!({"added": 35, "already": 0, "invalid": 0, "invalid_lines": []})
+        json!({"added": 36, "already": 0, "invalid": 0, "invalid_lines": []})
     );
 
     assert_eq!(
@@ -106,6 +120,7 @@ async fn export_then_import_into_an_empty_store_round_trips_exactly() {
     for path in [
         "/v1/phones/+49308880000",
         "/v1/phones/+49308880029",
+        "/v1/phones/+49308881000",
         "/v1/accounts/sendios:9/u",
         "/v1/accounts/crm:eu/c1",
     ] {
@@ -131,18 +146,24 @@ async fn export_then_import_into_an_empty_store_round_trips_exactly() {
         true
     );
 
-    // Importing the same export again changes nothing.
+    // Importing the same export again changes nothing, nor does a line repeated within it.
+    let first_line = export.text.lines().next().unwrap().to_string();
+    let before = target.get("/v1/export").await.text;
     let again = target
         .api_with(
             "POST",
             "/v1/import",
             &[("content-type", "application/x-ndjson")],
-            export.text,
+            format!("{}{first_line}\n", export.text),
         )
         .await;
     assert_eq!(
         again.json(),
-        json!({"added": 0, "already": 35, "invalid": 0, "invalid_lines": []})
+        json!({"added": 0, "already": 37, "invalid": 0, "invalid_lines": []})
+    );
+    assert!(
+        target.get("/v1/export").await.text == before,
+        "nothing was added by importing it again"
     );
 }
 

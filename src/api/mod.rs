@@ -21,7 +21,9 @@ use serde_json::{json, Value};
 
 use crate::auth::DEFAULT_ACTOR;
 use crate::error::HttpError;
-use crate::event::{ms_to_secs, now_ms, Event, Kind, Source, Subject, MAX_ID_BYTES};
+use crate::event::{
+    mint_idempotency_key, ms_to_secs, now_ms, Event, Kind, Source, Subject, MAX_ID_BYTES,
+};
 use crate::server::AppState;
 use crate::store::record::{decode_status, reasons_json};
 use crate::store::{Record, Status, StoreError, StoredEvent};
@@ -225,7 +227,7 @@ async fn manual_change(
     change: Change,
     actor: String,
 ) -> Result<(), HttpError> {
-    let id = uuid::Uuid::new_v4().to_string();
+    let (id, idempotency_key) = mint_idempotency_key(Source::Manual);
     let now = now_ms();
     tracing::info!(source = "manual", kind = ?kind, actor, "manual change");
     let mut details = serde_json::Map::new();
@@ -240,7 +242,7 @@ async fn manual_change(
         subject,
         source: Source::Manual,
         kind,
-        idempotency_key: format!("manual:{id}"),
+        idempotency_key,
         event_id: Some(id),
         event_time_ms: now,
         receive_time_ms: now,

@@ -24,7 +24,7 @@
 //! writes again, tried at most every [`REOPEN_RETRY`] while requests keep coming. Requests applied
 //! to the database that was closed are answered with an error: their effects died with it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -37,10 +37,10 @@ use super::index::PhoneIndex;
 use super::record::Rules;
 use super::wal::Wal;
 use super::{
-    history_key, phone_of_record_key, record_key, seen_key, subject_key, Outcome, Record,
-    StoreConfig, StoreError, StoredEvent,
+    history_key, history_prefix, phone_of_record_key, record_key, seen_key, subject_key, Outcome,
+    Record, StoreConfig, StoreError, StoredEvent,
 };
-use crate::event::Event;
+use crate::event::{is_minted_idempotency_key, Event};
 use crate::metrics::Metrics;
 
 /// The most requests applied before one sync; bounds the latency a batch adds.
@@ -291,12 +291,11 @@ impl Applier {
         let mut mine = Pending::default();
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
-            let seen = seen_key(&event.idempotency_key);
-            if mine.get(&seen, pending, &database.tree)?.is_some() {
+            let subject = subject_key(&event.subject);
+            if mine.has_seen(event, &subject, pending, &database.tree)? {
                 outcomes.push(Outcome::Duplicate);
                 continue;
             }
-            let subject = subject_key(&event.subject);
             let record_key = record_key(&subject);
             let mut record = match mine.get(&record_key, pending, &database.tree)? {
                 Some(bytes) => Record::decode(&bytes)?,
@@ -318,8 +317,8 @@ impl Applier {
                 applied,
             };
             let stored = serde_json::to_vec(&stored).map_err(StoreError::CorruptHistory)?;
-            mine.put(history_key.clone(), stored);
-            mine.put(seen, history_key);
+            mine.remember(event, subject, &history_key);
+            mine.put(history_key, stored);
             outcomes.push(if applied {
                 Outcome::Applied
             } else {
@@ -563,10 +562,19 @@ fn probe_writable(dir: &Path) -> std::io::Result<()> {
     written
 }
 
+/// The one field of a stored history entry that deduplication reads.
+#[derive(serde::Deserialize)]
+struct KeyOfStoredEvent {
+    idempotency_key: String,
+}
+
 /// Writes computed but not yet applied: later requests of a batch read through them.
 #[derive(Default)]
 struct Pending {
     writes: HashMap<Vec<u8>, Vec<u8>>,
+    /// (subject key, idempotency key) of the events with minted keys among `writes`, whose
+    /// history entries a scan of the tree would not find yet.
+    minted: HashSet<(Vec<u8>, String)>,
     /// Change in the number of suppressed accounts once these writes apply.
     suppressed_accounts: i64,
 }
@@ -589,8 +597,48 @@ impl Pending {
         self.writes.insert(key, value);
     }
 
+    /// Whether `event`'s idempotency key was recorded before, by an earlier batch or earlier in
+    /// this one. A key suppressd minted is looked for in the subject's history (see
+    /// [`is_minted_idempotency_key`]); any other has a key of its own.
+    fn has_seen(
+        &self,
+        event: &Event,
+        subject: &[u8],
+        batch: &Pending,
+        tree: &sled::Tree,
+    ) -> Result<bool, StoreError> {
+        let key = &event.idempotency_key;
+        if !is_minted_idempotency_key(key) {
+            return Ok(self.get(&seen_key(key), batch, tree)?.is_some());
+        }
+        let planned = (subject.to_vec(), key.clone());
+        if self.minted.contains(&planned) || batch.minted.contains(&planned) {
+            return Ok(true);
+        }
+        for entry in tree.scan_prefix(history_prefix(subject)) {
+            let (_, value) = entry?;
+            let stored: KeyOfStoredEvent =
+                serde_json::from_slice(&value).map_err(StoreError::CorruptHistory)?;
+            if stored.idempotency_key == *key {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Plans what makes [`Pending::has_seen`] find `event` from now on.
+    fn remember(&mut self, event: &Event, subject: Vec<u8>, history_key: &[u8]) {
+        let key = &event.idempotency_key;
+        if is_minted_idempotency_key(key) {
+            self.minted.insert((subject, key.clone()));
+        } else {
+            self.put(seen_key(key), history_key.to_vec());
+        }
+    }
+
     fn absorb(&mut self, other: Pending) {
         self.writes.extend(other.writes);
+        self.minted.extend(other.minted);
         self.suppressed_accounts += other.suppressed_accounts;
     }
 }

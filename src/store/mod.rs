@@ -7,7 +7,9 @@
 //! scan:
 //! - `R` ‖ subject → [`Record`] (fixed status header + JSON). A lookup is one point read.
 //! - `H` ‖ subject ‖ event time (ms, order-preserving) ‖ sequence → [`StoredEvent`].
-//! - `I` ‖ idempotency key → the history key the event produced.
+//! - `I` ‖ idempotency key → the history key the event produced, for a provider's key. A key
+//!   suppressd minted itself (imports, manual changes) can only come back with the same subject,
+//!   so it is found in that subject's history instead of costing a key of its own.
 //!
 //! Reads go straight to sled from any thread. All writes go through the [`committer`], which
 //! applies queued requests in batches and makes each batch durable with one append and one
@@ -661,6 +663,58 @@ mod tests {
         };
         assert!(!account("tencent:a", "bc").starts_with(&account("tencent:a", "b")));
         assert_ne!(account("tencent:ab", "c"), account("tencent:a", "bc"));
+    }
+
+    #[tokio::test]
+    async fn minted_keys_are_found_in_the_history_and_get_no_key_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            dir: dir.path().to_path_buf(),
+            cache_bytes: 1 << 20,
+            rules: Rules::default(),
+        };
+        let subject = Subject::Phone {
+            phone: "+4930123456".into(),
+        };
+        let event = |idempotency_key: &str, time_ms: i64| Event {
+            subject: subject.clone(),
+            source: crate::event::Source::Import,
+            kind: crate::event::Kind::Unsubscribe,
+            idempotency_key: idempotency_key.into(),
+            event_id: None,
+            event_time_ms: time_ms,
+            receive_time_ms: time_ms,
+            details: Default::default(),
+        };
+        let (_, minted) = crate::event::mint_idempotency_key(crate::event::Source::Import);
+        let open = || Store::open(&config, Arc::new(Metrics::default())).expect("open");
+
+        let store = open();
+        let outcomes = store
+            .commit(vec![event(&minted, 1_000), event(&minted, 1_000)])
+            .await
+            .expect("commit");
+        assert_eq!(outcomes, [Outcome::Applied, Outcome::Duplicate]);
+        let again = store.commit(vec![event(&minted, 1_000)]).await;
+        assert_eq!(again.expect("commit"), [Outcome::Duplicate]);
+        // A provider's key can come back with another event time (the receive time stands in
+        // for a missing one), so it keeps a key of its own.
+        let first = store.commit(vec![event("lox24:1", 2_000)]).await;
+        assert_ne!(first.expect("commit"), [Outcome::Duplicate]);
+        let retry = store.commit(vec![event("lox24:1", 3_000)]).await;
+        assert_eq!(retry.expect("commit"), [Outcome::Duplicate]);
+        let database = store.database.get().expect("open");
+        let own_keys: Vec<_> = database.tree.scan_prefix([SEEN]).collect();
+        assert_eq!(own_keys.len(), 1, "only the provider's key is stored");
+        drop(database);
+        store.close(Duration::from_secs(10)).await;
+        drop(store);
+
+        let store = open();
+        let after_reopen = store.commit(vec![event(&minted, 1_000)]).await;
+        assert_eq!(after_reopen.expect("commit"), [Outcome::Duplicate]);
+        assert_eq!(store.history(&subject).expect("history").len(), 2);
+        store.close(Duration::from_secs(10)).await;
     }
 
     #[test]
