@@ -392,6 +392,106 @@ async fn a_data_directory_turned_read_only_answers_500_and_recovers_once_repaire
     }
 }
 
+/// A reopen lasts as long as a start's open, which grows with the list: here longer than the
+/// watchdog's timeout. The committer holds requests meanwhile, so its barrier does not come back
+/// in time; the watchdog must be pinged anyway, saying why (a restart would only begin the same
+/// open again), and never withheld.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_pinged_through_a_reopen_longer_than_its_timeout() {
+    const TEST: &str = "the_watchdog_is_pinged_through_a_reopen_longer_than_its_timeout";
+    const REOPENING: &str = "STATUS=reopening the database after a storage failure";
+    const WATCHDOG_TIMEOUT: Duration = Duration::from_millis(600);
+    const NUMBERS: usize = 40_000;
+    if !common::tools_present(TEST, &["mkfs.ext4", "e2fsck", "losetup"]) {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let Some(fs) = LoopExt4::mount(&dir.path().join("fs.img"), &dir.path().join("data"), 256)
+    else {
+        eprintln!("SKIPPED {TEST}: loop-mounting a file system needs root");
+        return;
+    };
+    let notify = NotifySocket::new();
+    let server = Server::start_in(
+        dir.clone(),
+        Options {
+            env: vec![
+                ("NOTIFY_SOCKET".into(), notify.path.clone()),
+                (
+                    "WATCHDOG_USEC".into(),
+                    WATCHDOG_TIMEOUT.as_micros().to_string(),
+                ),
+            ],
+            ..Options::default()
+        },
+    );
+    // A list whose open takes longer than the watchdog's timeout (~1.8 s in a debug build).
+    let list: String = (0..NUMBERS).map(|i| phone_for(7, i) + "\n").collect();
+    let imported = server
+        .api_with("POST", "/v1/import", &[("content-type", "text/csv")], list)
+        .await;
+    assert_eq!(imported.json()["added"], NUMBERS, "{}", imported.text);
+
+    let deliver = lox24_event(&uuid_for(7, 0), &phone_for(8, 0), 1_700_000_000);
+    fs.fail();
+    assert_eq!(server.lox24(deliver.clone()).await.status, 500);
+    notify.clear();
+    fs.repair();
+    assert!(
+        retried_until_accepted(&server, &deliver).await,
+        "no delivery succeeded after the file system was repaired:\n{}",
+        server.logs()
+    );
+
+    let logs = server.logs();
+    let reopen = logs
+        .lines()
+        .skip_while(|l| !l.contains("reopening the database to recover"))
+        .take_while(|l| !l.contains("database reopened"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let took = logs
+        .lines()
+        .find(|l| l.contains("database reopened"))
+        .and_then(|l| l.split("elapsed_ms=").nth(1))
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_else(|| panic!("no reopen logged:\n{logs}"));
+    assert!(
+        took > WATCHDOG_TIMEOUT,
+        "the reopen took {took:?}, too short to show anything:\n{logs}"
+    );
+    assert!(!reopen.contains("withholding the watchdog ping"), "{logs}");
+    // Every ping since the failure, each with the time it arrived: those during the reopen say
+    // so, and none is further from the one before than the watchdog's timeout.
+    let pings: Vec<(Instant, bool)> = notify
+        .take_all()
+        .into_iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(at, m)| (at, m.lines().any(|l| l == REOPENING)))
+        .collect();
+    let during: Vec<Instant> = pings.iter().filter(|p| p.1).map(|p| p.0).collect();
+    assert!(
+        during.len() as u128 >= took.as_millis() / WATCHDOG_TIMEOUT.as_millis(),
+        "{} pings said the database was being reopened during a reopen of {took:?}",
+        during.len()
+    );
+    let first = pings.iter().position(|p| p.1).unwrap();
+    for pair in pings[first..].windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 < WATCHDOG_TIMEOUT,
+            "{:?} between pings around the reopen of {took:?}",
+            pair[1].0 - pair[0].0
+        );
+    }
+    assert_eq!(
+        server
+            .metric("suppressd_suppressed_subjects{type=\"phone\"}")
+            .await,
+        (NUMBERS + 1) as f64
+    );
+}
+
 /// A power cut under load, as ext4 shows one: failing the file system throws away every write
 /// that was not synced yet, in whatever order the kernel had (not) written them back. After it
 /// the service either starts with every acknowledged number, or refuses to start with exit 3

@@ -470,7 +470,10 @@ impl Syncer {
         self.told_waiting = false;
         tracing::warn!("reopening the database to recover from the storage failure");
         let started = Instant::now();
-        drop(self.database.take(READERS_PATIENCE)?);
+        let failed = self.database.take(READERS_PATIENCE).inspect_err(|e| {
+            tracing::warn!("reopening the database is put off: {e}");
+        })?;
+        drop(failed);
         let generation = self.generation + 1;
         let deadline = Instant::now() + LOCK_PATIENCE;
         let recovered = loop {

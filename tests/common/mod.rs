@@ -747,9 +747,12 @@ impl Drop for LoopExt4 {
     }
 }
 
+/// Notifications received, each with the time it arrived, and a signal for each new one.
+type Inbox = Arc<(Mutex<VecDeque<(Instant, String)>>, Condvar)>;
+
 /// A datagram socket standing in for systemd's notification socket.
 pub struct NotifySocket {
-    received: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+    received: Inbox,
     stop: Arc<AtomicBool>,
     _dir: tempfile::TempDir,
     pub path: String,
@@ -765,7 +768,7 @@ impl NotifySocket {
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let received = Arc::new((Mutex::new(VecDeque::new()), Condvar::new()));
+        let received: Inbox = Arc::new((Mutex::new(VecDeque::new()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (inbox, stopped) = (received.clone(), stop.clone());
         std::thread::spawn(move || {
@@ -773,7 +776,7 @@ impl NotifySocket {
             while !stopped.load(Ordering::Relaxed) {
                 if let Ok(n) = socket.recv(&mut buf) {
                     let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    inbox.0.lock().unwrap().push_back(message);
+                    inbox.0.lock().unwrap().push_back((Instant::now(), message));
                     inbox.1.notify_all();
                 }
             }
@@ -791,6 +794,11 @@ impl NotifySocket {
         self.received.0.lock().unwrap().clear();
     }
 
+    /// Takes every message received so far, with the time each arrived.
+    pub fn take_all(&self) -> Vec<(Instant, String)> {
+        self.received.0.lock().unwrap().drain(..).collect()
+    }
+
     /// Takes messages until one contains `line`; returns everything taken up to it. Fails after
     /// 10 s without one.
     pub fn wait_for(&self, line: &str) -> Vec<String> {
@@ -798,7 +806,7 @@ impl NotifySocket {
         let mut seen = Vec::new();
         let mut messages = self.received.0.lock().unwrap();
         loop {
-            while let Some(message) = messages.pop_front() {
+            while let Some((_, message)) = messages.pop_front() {
                 let found = message.lines().any(|l| l == line);
                 seen.push(message);
                 if found {
