@@ -19,6 +19,26 @@ fn phone_for(round: usize, i: usize) -> String {
     format!("+4915{round:02}{i:07}")
 }
 
+/// A server in `dir` that reports to a notification socket, as under systemd, with a watchdog
+/// expecting a ping within `watchdog_timeout`.
+fn start_watched(
+    dir: Arc<tempfile::TempDir>,
+    watchdog_timeout: Duration,
+    options: Options,
+) -> (NotifySocket, Server) {
+    let notify = NotifySocket::new();
+    let mut env = vec![
+        ("NOTIFY_SOCKET".into(), notify.path.clone()),
+        (
+            "WATCHDOG_USEC".into(),
+            watchdog_timeout.as_micros().to_string(),
+        ),
+    ];
+    env.extend(options.env.iter().cloned());
+    let server = Server::start_in(dir, Options { env, ..options });
+    (notify, server)
+}
+
 /// Retries a delivery as a provider would, every 100 ms for up to 15 s; whether it got a 200.
 async fn retried_until_accepted(server: &Server, delivery: &str) -> bool {
     for _ in 0..150 {
@@ -196,15 +216,11 @@ async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
         eprintln!("SKIPPED a_full_disk_answers_500_and_the_store_recovers_when_space_returns: mounting a tmpfs needs root");
         return;
     };
-    let notify = NotifySocket::new();
-    let server = Server::start_in(
+    let (notify, server) = start_watched(
         dir.clone(),
+        Duration::from_secs(1),
         Options {
             sendios: true,
-            env: vec![
-                ("NOTIFY_SOCKET".into(), notify.path.clone()),
-                ("WATCHDOG_USEC".into(), "1000000".into()),
-            ],
             ..Options::default()
         },
     );
@@ -328,17 +344,8 @@ async fn a_data_directory_turned_read_only_answers_500_and_recovers_once_repaire
         eprintln!("SKIPPED {TEST}: loop-mounting a file system needs root");
         return;
     };
-    let notify = NotifySocket::new();
-    let mut server = Server::start_in(
-        dir.clone(),
-        Options {
-            env: vec![
-                ("NOTIFY_SOCKET".into(), notify.path.clone()),
-                ("WATCHDOG_USEC".into(), "1000000".into()),
-            ],
-            ..Options::default()
-        },
-    );
+    let (notify, mut server) =
+        start_watched(dir.clone(), Duration::from_secs(1), Options::default());
     let deliver = |i: usize| lox24_event(&uuid_for(9, i), &phone_for(9, i), 1_700_000_000);
     for i in 0..20 {
         assert_eq!(server.lox24(deliver(i)).await.status, 200, "delivery {i}");
@@ -411,20 +418,7 @@ async fn the_watchdog_is_pinged_through_a_reopen_longer_than_its_timeout() {
         eprintln!("SKIPPED {TEST}: loop-mounting a file system needs root");
         return;
     };
-    let notify = NotifySocket::new();
-    let server = Server::start_in(
-        dir.clone(),
-        Options {
-            env: vec![
-                ("NOTIFY_SOCKET".into(), notify.path.clone()),
-                (
-                    "WATCHDOG_USEC".into(),
-                    WATCHDOG_TIMEOUT.as_micros().to_string(),
-                ),
-            ],
-            ..Options::default()
-        },
-    );
+    let (notify, server) = start_watched(dir.clone(), WATCHDOG_TIMEOUT, Options::default());
     // A list whose open takes longer than the watchdog's timeout (~1.8 s in a debug build).
     let list: String = (0..NUMBERS).map(|i| phone_for(7, i) + "\n").collect();
     let imported = server
