@@ -37,7 +37,7 @@ use super::index::PhoneIndex;
 use super::record::Rules;
 use super::wal::Wal;
 use super::{
-    history_key, history_prefix, phone_of_record_key, record_key, seen_key, subject_key, Outcome,
+    history_entries, history_key, phone_of_record_key, record_key, seen_key, subject_key, Outcome,
     Record, StoreConfig, StoreError, StoredEvent,
 };
 use crate::event::{is_minted_idempotency_key, Event};
@@ -470,10 +470,9 @@ impl Syncer {
         self.told_waiting = false;
         tracing::warn!("reopening the database to recover from the storage failure");
         let started = Instant::now();
-        let failed = self.database.take(READERS_PATIENCE).inspect_err(|e| {
+        drop(self.database.take(READERS_PATIENCE).inspect_err(|e| {
             tracing::warn!("reopening the database is put off: {e}");
-        })?;
-        drop(failed);
+        })?);
         let generation = self.generation + 1;
         let deadline = Instant::now() + LOCK_PATIENCE;
         let recovered = loop {
@@ -618,11 +617,8 @@ impl Pending {
         if self.minted.contains(&planned) || batch.minted.contains(&planned) {
             return Ok(true);
         }
-        for entry in tree.scan_prefix(history_prefix(subject)) {
-            let (_, value) = entry?;
-            let stored: KeyOfStoredEvent =
-                serde_json::from_slice(&value).map_err(StoreError::CorruptHistory)?;
-            if stored.idempotency_key == *key {
+        for stored in history_entries::<KeyOfStoredEvent>(tree, subject) {
+            if stored?.idempotency_key == *key {
                 return Ok(true);
             }
         }

@@ -347,16 +347,7 @@ impl Store {
 
     /// Every event received for a subject, oldest event time first.
     pub fn history(&self, subject: &Subject) -> Result<Vec<StoredEvent>, StoreError> {
-        self.database
-            .get()?
-            .tree
-            .scan_prefix(history_prefix(&subject_key(subject)))
-            .values()
-            .map(|value| {
-                let value = value?;
-                serde_json::from_slice(&value).map_err(StoreError::CorruptHistory)
-            })
-            .collect()
+        history_entries(&self.database.get()?.tree, &subject_key(subject)).collect()
     }
 
     /// Records in key order after `cursor` that pass `filter`, at most `limit`, and the cursor
@@ -614,6 +605,17 @@ fn length_prefixed(bytes: &[u8]) -> Option<(String, &[u8])> {
 
 /// History keys sort by event time within a subject; `sequence` keeps events of the same
 /// millisecond in arrival order.
+/// A subject's history entries, oldest event time first, each read as `T`: the whole
+/// [`StoredEvent`], or only the fields a caller needs.
+fn history_entries<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    subject_key: &[u8],
+) -> impl Iterator<Item = Result<T, StoreError>> {
+    tree.scan_prefix(history_prefix(subject_key))
+        .values()
+        .map(|value| serde_json::from_slice(&value?).map_err(StoreError::CorruptHistory))
+}
+
 fn history_key(subject_key: &[u8], event_time_ms: i64, sequence: u64) -> Vec<u8> {
     let mut key = tagged(HISTORY, subject_key, 16);
     // Flipping the sign bit makes the big-endian bytes of an i64 sort like the number.
