@@ -34,11 +34,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::database::{Database, Slot};
 use super::index::PhoneIndex;
-use super::record::Rules;
+use super::record::{self, Rules};
 use super::wal::Wal;
 use super::{
-    history_entries, history_key, phone_of_record_key, record_key, seen_key, subject_key, Outcome,
-    Record, StoreConfig, StoreError, StoredEvent,
+    entry_order, history_entries, history_key, inline_entry, phone_of_record_key, record_key,
+    seen_key, subject_key, Outcome, Record, StoreConfig, StoreError, StoredEvent, HISTORY,
 };
 use crate::event::{is_minted_idempotency_key, Event};
 use crate::metrics::Metrics;
@@ -292,33 +292,52 @@ impl Applier {
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
             let subject = subject_key(&event.subject);
-            if mine.has_seen(event, &subject, pending, &database.tree)? {
+            let record_key = record_key(&subject);
+            let stored_record = mine.get(&record_key, pending, &database.tree)?;
+            if mine.has_seen(
+                event,
+                &subject,
+                stored_record.as_deref(),
+                pending,
+                &database.tree,
+            )? {
                 outcomes.push(Outcome::Duplicate);
                 continue;
             }
-            let record_key = record_key(&subject);
-            let mut record = match mine.get(&record_key, pending, &database.tree)? {
-                Some(bytes) => Record::decode(&bytes)?,
+            let mut record = match &stored_record {
+                Some(bytes) => Record::decode(bytes)?,
                 None => Record::default(),
             };
             let was_suppressed = record.suppressed();
             let applied = record.apply(event, &self.rules);
-            if applied {
-                if matches!(event.subject, crate::event::Subject::Account { .. }) {
-                    mine.suppressed_accounts +=
-                        i64::from(record.suppressed()) - i64::from(was_suppressed);
-                }
-                mine.put(record_key, record.encode());
-            }
-            let sequence = database.db.generate_id()?;
-            let history_key = history_key(&subject, event.event_time_ms, sequence);
+            let order = entry_order(event.event_time_ms, database.db.generate_id()?);
             let stored = StoredEvent {
                 event: event.clone(),
                 applied,
             };
             let stored = serde_json::to_vec(&stored).map_err(StoreError::CorruptHistory)?;
-            mine.remember(event, subject, &history_key);
-            mine.put(history_key, stored);
+            // The event that creates a record travels in it: most subjects (every imported
+            // number) never have another, and a key of their own would double the keys sled
+            // keeps pages and memory for.
+            let (entry_key, first_event) = match &stored_record {
+                None if applied => (record_key.clone(), Some(inline_entry(&order, &stored))),
+                None => (history_key(&subject, &order), None),
+                Some(bytes) => (
+                    history_key(&subject, &order),
+                    record::first_event(bytes)?.map(<[u8]>::to_vec),
+                ),
+            };
+            if applied {
+                if matches!(event.subject, crate::event::Subject::Account { .. }) {
+                    mine.suppressed_accounts +=
+                        i64::from(record.suppressed()) - i64::from(was_suppressed);
+                }
+                mine.put(record_key, record.encode(first_event.as_deref()));
+            }
+            mine.remember(event, subject, &entry_key);
+            if entry_key.first() == Some(&HISTORY) {
+                mine.put(entry_key, stored);
+            }
             outcomes.push(if applied {
                 Outcome::Applied
             } else {
@@ -606,6 +625,7 @@ impl Pending {
         &self,
         event: &Event,
         subject: &[u8],
+        record: Option<&[u8]>,
         batch: &Pending,
         tree: &sled::Tree,
     ) -> Result<bool, StoreError> {
@@ -617,21 +637,22 @@ impl Pending {
         if self.minted.contains(&planned) || batch.minted.contains(&planned) {
             return Ok(true);
         }
-        for stored in history_entries::<KeyOfStoredEvent>(tree, subject) {
-            if stored?.idempotency_key == *key {
+        for stored in history_entries::<KeyOfStoredEvent>(tree, subject, record)? {
+            if stored?.1.idempotency_key == *key {
                 return Ok(true);
             }
         }
         Ok(false)
     }
 
-    /// Plans what makes [`Pending::has_seen`] find `event` from now on.
-    fn remember(&mut self, event: &Event, subject: Vec<u8>, history_key: &[u8]) {
+    /// Plans what makes [`Pending::has_seen`] find `event` from now on; `entry_key` is where its
+    /// history entry is stored.
+    fn remember(&mut self, event: &Event, subject: Vec<u8>, entry_key: &[u8]) {
         let key = &event.idempotency_key;
         if is_minted_idempotency_key(key) {
             self.minted.insert((subject, key.clone()));
         } else {
-            self.put(seen_key(key), history_key.to_vec());
+            self.put(seen_key(key), entry_key.to_vec());
         }
     }
 

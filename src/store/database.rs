@@ -250,7 +250,16 @@ mod tests {
         assert!(taken.is_some());
         assert!(matches!(slot.get(), Err(StoreError::Reopening)));
         drop(taken);
-        let reopened = Database::open(dir.path(), 1 << 20, 1).expect("sled let go of its lock");
+        // As in the syncer's reopen: sled's threads let go of the lock shortly after.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let reopened = loop {
+            match Database::open(dir.path(), 1 << 20, 1) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.expect("sled let go of its lock"),
+            }
+        };
         slot.install(reopened);
         assert_eq!(slot.generation(), Some(1));
     }

@@ -242,13 +242,13 @@ mod tests {
             event_time_ms: since_ms,
             details: serde_json::Map::new(),
         });
-        record.encode()
+        record.encode(None)
     }
 
     #[test]
     fn updates_follow_the_record() {
         let index = PhoneIndex::new();
-        index.update(42, &Record::default().encode());
+        index.update(42, &Record::default().encode(None));
         assert_eq!(index.status(42), Status::default());
         index.update(42, &suppressed_since(7_000));
         assert_eq!(
@@ -259,7 +259,7 @@ mod tests {
             }
         );
         assert_eq!(index.len(), 1);
-        index.update(42, &Record::default().encode());
+        index.update(42, &Record::default().encode(None));
         assert_eq!(index.len(), 0);
         assert_eq!(index.status(42), Status::default());
     }
@@ -269,7 +269,7 @@ mod tests {
         let index = PhoneIndex::new();
         for _ in 0..10 {
             index.update(42, &suppressed_since(7_000));
-            index.update(43, &Record::default().encode());
+            index.update(43, &Record::default().encode(None));
         }
         let recent: usize = index.shards.iter().map(|s| read(s).recent.len()).sum();
         assert_eq!(recent, 1, "only 42's suppression is a change");
@@ -288,7 +288,7 @@ mod tests {
             state ^= state << 17;
             let number = 491_000_000_000 + state % 50_000;
             if state % 3 == 0 {
-                index.update(number, &Record::default().encode());
+                index.update(number, &Record::default().encode(None));
                 expected.remove(&number);
             } else {
                 index.update(number, &suppressed_since(step));
@@ -309,7 +309,7 @@ mod tests {
         let mut builder = IndexBuilder::new();
         for number in (1_000..3_000u64).chain([2_500, 10]) {
             let value = if number % 7 == 0 {
-                Record::default().encode()
+                Record::default().encode(None)
             } else {
                 suppressed_since(number as i64)
             };

@@ -5,11 +5,18 @@
 //! because only writes to a single tree can be applied atomically without sled's (slow)
 //! multi-tree transactions. Subject keys are prefix-free, so a subject's history is one range
 //! scan:
-//! - `R` ‖ subject → [`Record`] (fixed status header + JSON). A lookup is one point read.
-//! - `H` ‖ subject ‖ event time (ms, order-preserving) ‖ sequence → [`StoredEvent`].
-//! - `I` ‖ idempotency key → the history key the event produced, for a provider's key. A key
+//! - `R` ‖ subject → [`Record`] (fixed status header + JSON), and the subject's first history
+//!   entry if it is the one that created the record. A lookup is one point read.
+//! - `H` ‖ subject ‖ event time (ms, order-preserving) ‖ sequence → [`StoredEvent`], for every
+//!   other history entry.
+//! - `I` ‖ idempotency key → where the event's history entry is, for a provider's key. A key
 //!   suppressd minted itself (imports, manual changes) can only come back with the same subject,
 //!   so it is found in that subject's history instead of costing a key of its own.
+//!
+//! Most subjects (every imported number, most unsubscribes) never see a second event, so they
+//! cost sled one key, not two: sled keeps memory per page of keys whatever the cache size, and
+//! that is most of what a large list costs in RAM. Records written before the first entry moved
+//! into them keep it under its `H` key; both are read.
 //!
 //! Reads go straight to sled from any thread. All writes go through the [`committer`], which
 //! applies queued requests in batches and makes each batch durable with one append and one
@@ -22,6 +29,7 @@ mod index;
 pub mod record;
 mod wal;
 
+use std::iter::Peekable;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -102,68 +110,81 @@ impl StoreError {
 
 /// An iterator over `(subject, events in arrival order)` of a consistent snapshot.
 pub struct Snapshot {
-    entries: sled::Iter,
+    /// Records, for the first history entry each carries.
+    records: Peekable<sled::Iter>,
+    /// History entries under keys of their own.
+    history: Peekable<sled::Iter>,
     /// Held so that a reopen waits for the snapshot instead of finding sled's files locked.
     _database: Arc<database::Database>,
     high_water: u64,
-    /// The first entry of the next subject, read while finishing the previous one.
-    pending: Option<(Vec<u8>, u64, StoredEvent)>,
 }
 
 impl Iterator for Snapshot {
     type Item = Result<(Subject, Vec<StoredEvent>), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let mut subject_key: Option<Vec<u8>> = None;
-        let mut events: Vec<(u64, StoredEvent)> = Vec::new();
         loop {
-            let entry = match self.pending.take() {
-                Some(entry) => Some(Ok(entry)),
-                None => self
-                    .entries
-                    .next()
-                    .map(|e| e.map_err(StoreError::from).and_then(split_history_entry)),
-            };
-            match entry {
-                Some(Err(e)) => return Some(Err(e)),
-                Some(Ok((key, sequence, event))) => {
-                    if subject_key.as_ref().is_some_and(|current| *current != key) {
-                        self.pending = Some((key, sequence, event));
-                        break;
-                    }
-                    subject_key.get_or_insert(key);
-                    if sequence < self.high_water {
-                        events.push((sequence, event));
-                    }
-                }
-                None => break,
+            match self.next_subject() {
+                // Everything it has arrived after the snapshot's instant.
+                Ok(Some((_, events))) if events.is_empty() => continue,
+                other => return other.transpose(),
             }
         }
-        let key = subject_key?;
-        let Some(subject) = subject_from_key(&key) else {
-            return Some(Err(StoreError::CorruptRecord(record::CorruptRecord::key(
-                &key,
-            ))));
+    }
+}
+
+impl Snapshot {
+    /// The next subject in key order, from whichever scan is at it, and its entries from both.
+    fn next_subject(&mut self) -> Result<Option<(Subject, Vec<StoredEvent>)>, StoreError> {
+        let at_record = peek_key(&mut self.records)?.map(|key| key[1..].to_vec());
+        let at_history = match peek_key(&mut self.history)? {
+            Some(key) => Some(subject_of_history_key(key)?.to_vec()),
+            None => None,
         };
-        events.sort_by_key(|(sequence, _)| *sequence);
-        Some(Ok((
+        let Some(key) = at_record.iter().chain(&at_history).min().cloned() else {
+            return Ok(None);
+        };
+        let mut entries: Vec<(EntryOrder, StoredEvent)> = Vec::new();
+        if at_record.as_ref() == Some(&key) {
+            if let Some(Ok((_, value))) = self.records.next() {
+                if let Some(entry) = record::first_event(&value)? {
+                    let (order, json) = split_inline_entry(entry)?;
+                    entries.push((order, parse_entry(json)?));
+                }
+            }
+        }
+        while peek_key(&mut self.history)?
+            .map(subject_of_history_key)
+            .transpose()?
+            == Some(&key[..])
+        {
+            if let Some(Ok((stored_key, value))) = self.history.next() {
+                entries.push((order_of_history_key(&stored_key)?, parse_entry(&value)?));
+            }
+        }
+        let Some(subject) = subject_from_key(&key) else {
+            return Err(StoreError::CorruptRecord(record::CorruptRecord::key(&key)));
+        };
+        entries.retain(|(order, _)| sequence_of(order) < self.high_water);
+        entries.sort_by_key(|(order, _)| sequence_of(order));
+        Ok(Some((
             subject,
-            events.into_iter().map(|(_, event)| event).collect(),
+            entries.into_iter().map(|(_, event)| event).collect(),
         )))
     }
 }
 
-/// A history entry's subject key, sequence number and event.
-fn split_history_entry(
-    (key, value): (sled::IVec, sled::IVec),
-) -> Result<(Vec<u8>, u64, StoredEvent), StoreError> {
-    let corrupt = || StoreError::CorruptRecord(record::CorruptRecord::key(&key));
-    let body = key
-        .get(1..key.len().checked_sub(16).ok_or_else(corrupt)?)
-        .ok_or_else(corrupt)?;
-    let sequence: [u8; 8] = key[key.len() - 8..].try_into().map_err(|_| corrupt())?;
-    let event = serde_json::from_slice(&value).map_err(StoreError::CorruptHistory)?;
-    Ok((body.to_vec(), u64::from_be_bytes(sequence), event))
+/// The key a scan is at, or the error it is at (which is taken from it).
+fn peek_key(entries: &mut Peekable<sled::Iter>) -> Result<Option<&[u8]>, StoreError> {
+    if let Some(Err(_)) = entries.peek() {
+        if let Some(Err(e)) = entries.next() {
+            return Err(e.into());
+        }
+    }
+    Ok(match entries.peek() {
+        Some(Ok((key, _))) => Some(key),
+        _ => None,
+    })
 }
 
 /// Which kind of subject a listing covers.
@@ -305,10 +326,10 @@ impl Store {
             StoreError::Unavailable("the database could not number the snapshot".into())
         })?;
         Ok(Snapshot {
-            entries: database.tree.scan_prefix([HISTORY]),
+            records: database.tree.scan_prefix([RECORD]).peekable(),
+            history: database.tree.scan_prefix([HISTORY]).peekable(),
             _database: database,
             high_water,
-            pending: None,
         })
     }
 
@@ -347,7 +368,14 @@ impl Store {
 
     /// Every event received for a subject, oldest event time first.
     pub fn history(&self, subject: &Subject) -> Result<Vec<StoredEvent>, StoreError> {
-        history_entries(&self.database.get()?.tree, &subject_key(subject)).collect()
+        let tree = &self.database.get()?.tree;
+        let subject = subject_key(subject);
+        let record = tree.get(record_key(&subject))?;
+        let mut entries = history_entries(tree, &subject, record.as_deref())?
+            .collect::<Result<Vec<(EntryOrder, StoredEvent)>, _>>()?;
+        // Only the entry the record carries can be out of place.
+        entries.sort_by_key(|(order, _)| *order);
+        Ok(entries.into_iter().map(|(_, event)| event).collect())
     }
 
     /// Records in key order after `cursor` that pass `filter`, at most `limit`, and the cursor
@@ -603,25 +631,82 @@ fn length_prefixed(bytes: &[u8]) -> Option<(String, &[u8])> {
     Some((String::from_utf8(part.to_vec()).ok()?, &bytes[2 + len..]))
 }
 
-/// History keys sort by event time within a subject; `sequence` keeps events of the same
-/// millisecond in arrival order.
-/// A subject's history entries, oldest event time first, each read as `T`: the whole
-/// [`StoredEvent`], or only the fields a caller needs.
+/// Where a history entry sorts within its subject: event time (order-preserving) ‖ sequence.
+/// The sequence keeps events of the same millisecond in arrival order.
+type EntryOrder = [u8; 16];
+
+fn entry_order(event_time_ms: i64, sequence: u64) -> EntryOrder {
+    let mut order = [0; 16];
+    // Flipping the sign bit makes the big-endian bytes of an i64 sort like the number.
+    order[..8].copy_from_slice(&((event_time_ms as u64) ^ (1 << 63)).to_be_bytes());
+    order[8..].copy_from_slice(&sequence.to_be_bytes());
+    order
+}
+
+fn sequence_of(order: &EntryOrder) -> u64 {
+    let mut sequence = [0; 8];
+    sequence.copy_from_slice(&order[8..]);
+    u64::from_be_bytes(sequence)
+}
+
+fn history_key(subject_key: &[u8], order: &EntryOrder) -> Vec<u8> {
+    let mut key = tagged(HISTORY, subject_key, order.len());
+    key.extend_from_slice(order);
+    key
+}
+
+fn subject_of_history_key(key: &[u8]) -> Result<&[u8], StoreError> {
+    key.len()
+        .checked_sub(std::mem::size_of::<EntryOrder>())
+        .and_then(|end| key.get(1..end))
+        .ok_or_else(|| StoreError::CorruptRecord(record::CorruptRecord::key(key)))
+}
+
+fn order_of_history_key(key: &[u8]) -> Result<EntryOrder, StoreError> {
+    key.last_chunk::<16>()
+        .copied()
+        .ok_or_else(|| StoreError::CorruptRecord(record::CorruptRecord::key(key)))
+}
+
+/// A subject's first history entry as its record carries it: its order, then its JSON.
+fn inline_entry(order: &EntryOrder, json: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(order.len() + json.len());
+    entry.extend_from_slice(order);
+    entry.extend_from_slice(json);
+    entry
+}
+
+fn split_inline_entry(entry: &[u8]) -> Result<(EntryOrder, &[u8]), StoreError> {
+    let (order, json) = entry
+        .split_first_chunk::<16>()
+        .ok_or_else(|| StoreError::CorruptRecord(record::CorruptRecord::key(entry)))?;
+    Ok((*order, json))
+}
+
+fn parse_entry<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(json).map_err(StoreError::CorruptHistory)
+}
+
+/// A subject's history entries, each read as `T` (the whole [`StoredEvent`], or only the fields
+/// a caller needs) with the order it sorts in: first the entry its stored `record` carries, then
+/// those under keys of their own, in order.
 fn history_entries<T: serde::de::DeserializeOwned>(
     tree: &sled::Tree,
     subject_key: &[u8],
-) -> impl Iterator<Item = Result<T, StoreError>> {
-    tree.scan_prefix(history_prefix(subject_key))
-        .values()
-        .map(|value| serde_json::from_slice(&value?).map_err(StoreError::CorruptHistory))
-}
-
-fn history_key(subject_key: &[u8], event_time_ms: i64, sequence: u64) -> Vec<u8> {
-    let mut key = tagged(HISTORY, subject_key, 16);
-    // Flipping the sign bit makes the big-endian bytes of an i64 sort like the number.
-    key.extend_from_slice(&((event_time_ms as u64) ^ (1 << 63)).to_be_bytes());
-    key.extend_from_slice(&sequence.to_be_bytes());
-    key
+    record: Option<&[u8]>,
+) -> Result<impl Iterator<Item = Result<(EntryOrder, T), StoreError>>, StoreError> {
+    let carried = match record.map(record::first_event).transpose()?.flatten() {
+        Some(entry) => {
+            let (order, json) = split_inline_entry(entry)?;
+            Some(parse_entry(json).map(|event| (order, event)))
+        }
+        None => None,
+    };
+    let keyed = tree.scan_prefix(history_prefix(subject_key)).map(|entry| {
+        let (key, value) = entry?;
+        Ok((order_of_history_key(&key)?, parse_entry(&value)?))
+    });
+    Ok(carried.into_iter().chain(keyed))
 }
 
 #[cfg(test)]
@@ -719,14 +804,103 @@ mod tests {
         store.close(Duration::from_secs(10)).await;
     }
 
+    #[tokio::test]
+    async fn a_record_carries_its_first_event_and_records_without_one_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            dir: dir.path().to_path_buf(),
+            cache_bytes: 1 << 20,
+            rules: Rules::default(),
+        };
+        let phone = |phone: &str| Subject::Phone {
+            phone: phone.into(),
+        };
+        let event = |subject: &Subject, idempotency_key: &str, time_ms: i64| Event {
+            subject: subject.clone(),
+            source: crate::event::Source::Lox24,
+            kind: crate::event::Kind::Unsubscribe,
+            idempotency_key: idempotency_key.into(),
+            event_id: None,
+            event_time_ms: time_ms,
+            receive_time_ms: time_ms,
+            details: Default::default(),
+        };
+        let keys = |store: &Store, subject: &Subject, tag: u8| {
+            let database = store.database.get().expect("open");
+            database
+                .tree
+                .scan_prefix(tagged(tag, &subject_key(subject), 0))
+                .count()
+        };
+        let times = |store: &Store, subject: &Subject| -> Vec<i64> {
+            let history = store.history(subject).expect("history");
+            history.iter().map(|e| e.event.event_time_ms).collect()
+        };
+        let store = Store::open(&config, Arc::new(Metrics::default())).expect("open");
+
+        let new = phone("+4930100001");
+        let outcomes = store.commit(vec![event(&new, "lox24:a", 5_000)]).await;
+        assert_eq!(outcomes.expect("commit"), [Outcome::Applied]);
+        assert_eq!(keys(&store, &new, HISTORY), 0, "the record carries it");
+        let later_but_older = store.commit(vec![event(&new, "lox24:b", 1_000)]).await;
+        assert_eq!(later_but_older.expect("commit"), [Outcome::Applied]);
+        assert_eq!(keys(&store, &new, HISTORY), 1);
+        assert_eq!(times(&store, &new), [1_000, 5_000], "event time orders");
+        let retry = store.commit(vec![event(&new, "lox24:a", 5_000)]).await;
+        assert_eq!(retry.expect("commit"), [Outcome::Duplicate]);
+
+        // A record written before records carried an entry: its history is all under keys.
+        let old = phone("+4930100002");
+        let mut record = Record::default();
+        let first = event(&old, "import:00000000-0000-0000-0000-000000000001", 2_000);
+        record.apply(&first, &Rules::default());
+        let stored = StoredEvent {
+            event: first.clone(),
+            applied: true,
+        };
+        let order = entry_order(2_000, 1);
+        {
+            let database = store.database.get().expect("open");
+            let tree = &database.tree;
+            tree.insert(record_key(&subject_key(&old)), record.encode(None))
+                .expect("insert");
+            let stored = serde_json::to_vec(&stored).expect("json");
+            tree.insert(history_key(&subject_key(&old), &order), stored)
+                .expect("insert");
+        }
+        let again = store.commit(vec![first.clone()]).await;
+        assert_eq!(again.expect("commit"), [Outcome::Duplicate]);
+        let next = store.commit(vec![event(&old, "lox24:c", 3_000)]).await;
+        assert_eq!(next.expect("commit"), [Outcome::Applied]);
+        assert_eq!(times(&store, &old), [2_000, 3_000]);
+        assert_eq!(store.status(&old).expect("status").since_ms, Some(2_000));
+
+        let exported: Vec<(Subject, Vec<i64>)> = store
+            .snapshot()
+            .await
+            .expect("snapshot")
+            .map(|entry| {
+                let (subject, events) = entry.expect("entry");
+                let times = events.iter().map(|e| e.event.event_time_ms).collect();
+                (subject, times)
+            })
+            .collect();
+        assert_eq!(
+            exported,
+            [(new.clone(), vec![5_000, 1_000]), (old, vec![2_000, 3_000])],
+            "arrival order, from the record and from keys alike"
+        );
+        store.close(Duration::from_secs(10)).await;
+    }
+
     #[test]
     fn history_keys_sort_by_event_time() {
         let subject = subject_key(&Subject::Phone {
             phone: "+491234567".into(),
         });
-        let early = history_key(&subject, -5, 9);
-        let later = history_key(&subject, 3, 1);
-        let latest = history_key(&subject, 3, 2);
+        let early = history_key(&subject, &entry_order(-5, 9));
+        let later = history_key(&subject, &entry_order(3, 1));
+        let latest = history_key(&subject, &entry_order(3, 2));
         assert!(early < later && later < latest);
     }
 }

@@ -7,10 +7,14 @@ use serde_json::{Map, Value};
 
 use crate::event::{Event, Kind, Source};
 
-/// Stored value layout version; bump when the layout changes.
-const FORMAT_VERSION: u8 = 1;
-/// `[version][suppressed][since_ms: i64 BE]`, then the JSON of the record. The fixed header lets a
-/// bulk check answer from ten bytes without parsing JSON.
+/// Stored value layouts. Both start with `[version][suppressed][since_ms: i64 BE]`, a fixed header
+/// that lets a bulk check answer from ten bytes without parsing JSON. Version 1 continues with
+/// the record's JSON. Version 2 continues with the JSON's length (u32 BE), the JSON, and then the
+/// subject's first history entry, which the store keeps here rather than under a key of its own
+/// (opaque to this module; see `store`). Both are read; version 1 is written for a record that
+/// carries no history entry.
+const PLAIN: u8 = 1;
+const WITH_FIRST_EVENT: u8 = 2;
 const HEADER_LEN: usize = 10;
 /// A subject that unsubscribes over and over keeps every event in its history, but only this many
 /// reasons in its record (the earliest ones, which decide `since`), so that a record stays small
@@ -188,21 +192,55 @@ impl Record {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The stored value of this record, carrying the subject's `first_event` entry if given.
+    pub fn encode(&self, first_event: Option<&[u8]>) -> Vec<u8> {
         let status = self.status();
-        let mut out = Vec::with_capacity(256);
-        out.push(FORMAT_VERSION);
+        let mut out = Vec::with_capacity(256 + first_event.map_or(0, <[u8]>::len));
+        out.push(if first_event.is_some() {
+            WITH_FIRST_EVENT
+        } else {
+            PLAIN
+        });
         out.push(u8::from(status.suppressed));
         out.extend_from_slice(&status.since_ms.unwrap_or(i64::MIN).to_be_bytes());
-        // Serialising plain data into a Vec cannot fail.
+        let Some(first_event) = first_event else {
+            // Serialising plain data into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, self);
+            return out;
+        };
+        out.extend_from_slice(&[0; 4]);
         let _ = serde_json::to_writer(&mut out, self);
+        let json_len = (out.len() - HEADER_LEN - 4) as u32;
+        out[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&json_len.to_be_bytes());
+        out.extend_from_slice(first_event);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Record, CorruptRecord> {
-        decode_status(bytes)?;
-        serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|e| CorruptRecord(e.to_string()))
+        serde_json::from_slice(split(bytes)?.0).map_err(|e| CorruptRecord(e.to_string()))
     }
+}
+
+/// A stored record's JSON and the history entry it carries, if any.
+fn split(bytes: &[u8]) -> Result<(&[u8], Option<&[u8]>), CorruptRecord> {
+    let version = decode_header(bytes)?.0;
+    let body = &bytes[HEADER_LEN..];
+    if version == PLAIN {
+        return Ok((body, None));
+    }
+    let too_short = || CorruptRecord(format!("{} bytes is shorter than its layout", bytes.len()));
+    let (len, rest) = body.split_first_chunk::<4>().ok_or_else(too_short)?;
+    let json_len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| too_short())?;
+    if rest.len() < json_len {
+        return Err(too_short());
+    }
+    let (json, first_event) = rest.split_at(json_len);
+    Ok((json, Some(first_event)))
+}
+
+/// The subject's first history entry, if this stored record carries it.
+pub fn first_event(bytes: &[u8]) -> Result<Option<&[u8]>, CorruptRecord> {
+    Ok(split(bytes)?.1)
 }
 
 /// The stored reasons of a record as raw JSON, without parsing them into values.
@@ -212,31 +250,33 @@ pub fn reasons_json(bytes: &[u8]) -> Result<&serde_json::value::RawValue, Corrup
         #[serde(borrow)]
         reasons: &'a serde_json::value::RawValue,
     }
-    decode_status(bytes)?;
-    serde_json::from_slice::<Raw<'_>>(&bytes[HEADER_LEN..])
+    serde_json::from_slice::<Raw<'_>>(split(bytes)?.0)
         .map(|raw| raw.reasons)
         .map_err(|e| CorruptRecord(e.to_string()))
 }
 
 /// Reads only the fixed header of a stored record.
 pub fn decode_status(bytes: &[u8]) -> Result<Status, CorruptRecord> {
+    Ok(decode_header(bytes)?.1)
+}
+
+fn decode_header(bytes: &[u8]) -> Result<(u8, Status), CorruptRecord> {
     let header: &[u8; HEADER_LEN] = bytes
         .get(..HEADER_LEN)
         .and_then(|h| h.try_into().ok())
         .ok_or_else(|| CorruptRecord(format!("{} bytes is shorter than a header", bytes.len())))?;
-    if header[0] != FORMAT_VERSION {
-        return Err(CorruptRecord(format!(
-            "unknown format version {}",
-            header[0]
-        )));
+    let version = header[0];
+    if version != PLAIN && version != WITH_FIRST_EVENT {
+        return Err(CorruptRecord(format!("unknown format version {version}")));
     }
     let mut since = [0u8; 8];
     since.copy_from_slice(&header[2..]);
     let since = i64::from_be_bytes(since);
-    Ok(Status {
+    let status = Status {
         suppressed: header[1] != 0,
         since_ms: (since != i64::MIN).then_some(since),
-    })
+    };
+    Ok((version, status))
 }
 
 #[cfg(test)]
@@ -384,14 +424,18 @@ mod tests {
     fn encoding_round_trips_and_header_matches() {
         let mut record = Record::default();
         record.apply(&unsubscribe("a", 1_757_849_748_000), &Rules::default());
-        let bytes = record.encode();
-        assert_eq!(Record::decode(&bytes).ok(), Some(record.clone()));
-        assert_eq!(decode_status(&bytes).ok(), Some(record.status()));
-        let reasons: Vec<Reason> =
-            serde_json::from_str(reasons_json(&bytes).expect("raw").get()).expect("reasons");
-        assert_eq!(reasons, record.reasons);
-        let empty = Record::default().encode();
+        for first in [None, Some(&b"{\"entry\":1}"[..])] {
+            let bytes = record.encode(first);
+            assert_eq!(Record::decode(&bytes).ok(), Some(record.clone()));
+            assert_eq!(decode_status(&bytes).ok(), Some(record.status()));
+            assert_eq!(first_event(&bytes).ok(), Some(first));
+            let reasons: Vec<Reason> =
+                serde_json::from_str(reasons_json(&bytes).expect("raw").get()).expect("reasons");
+            assert_eq!(reasons, record.reasons);
+            assert!(decode_status(&bytes[..4]).is_err());
+            assert!(Record::decode(&bytes[..HEADER_LEN + 3]).is_err());
+        }
+        let empty = Record::default().encode(None);
         assert_eq!(decode_status(&empty).ok(), Some(Status::default()));
-        assert!(decode_status(&bytes[..4]).is_err());
     }
 }
