@@ -161,9 +161,31 @@ fn check_digits(digits: &str) -> Result<(), PhoneError> {
     Err(PhoneError::UnknownCountryCode)
 }
 
+/// The digits of an E.164 number as an integer, for keeping many numbers compactly (at most 15
+/// digits fit a `u64`, and no E.164 number starts with 0, so the integer is unambiguous); `None`
+/// for anything that is not `+` and 1–15 digits.
+pub fn e164_digits(e164: &str) -> Option<u64> {
+    let digits = e164.strip_prefix('+')?;
+    if digits.is_empty() || digits.len() > MAX_DIGITS {
+        return None;
+    }
+    digits.bytes().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn e164_numbers_map_to_integers() {
+        assert_eq!(e164_digits("+4911113333444"), Some(4_911_113_333_444));
+        assert_eq!(e164_digits("+999999999999999"), Some(999_999_999_999_999));
+        assert_eq!(e164_digits("4911113333444"), None);
+        assert_eq!(e164_digits("+49a"), None);
+        assert_eq!(e164_digits("+1234567890123456"), None);
+    }
 
     fn plain() -> Normalizer {
         Normalizer::default()

@@ -108,7 +108,7 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
     let mut lines = LineReader::new(request, MAX_IMPORT_LINE);
     let mut report = Report::default();
     let mut batch: Vec<Event> = Vec::new();
-    let mut seen_numbers: HashSet<String> = HashSet::new();
+    let mut listed = ListedNumbers::default();
     let mut number = 0u64;
     while let Some(line) = lines.next_line().await {
         number += 1;
@@ -140,7 +140,7 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
                 .trim_matches('"');
             match state.phones.normalize(first) {
                 Ok(phone) => {
-                    if !seen_numbers.insert(phone.clone()) {
+                    if !listed.insert(&phone) {
                         continue;
                     }
                     if state.store.phone_status(&phone)?.suppressed {
@@ -173,6 +173,55 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
     ))
 }
 
+/// The numbers met so far in one imported list, so that a number listed twice counts once.
+/// A list can hold tens of millions, so they are kept as integers in one sorted array (8 bytes
+/// each) that a small set of recent ones is merged into now and then, rather than as strings in
+/// a hash set (several times as much, which was most of an import's memory).
+#[derive(Default)]
+struct ListedNumbers {
+    sorted: Vec<u64>,
+    recent: HashSet<u64>,
+    /// E.164 strings too long for an integer (none that the normaliser lets through).
+    other: HashSet<String>,
+}
+
+impl ListedNumbers {
+    /// Recent numbers kept unmerged at least, so that short lists are never merged.
+    const MIN_RECENT: usize = 1 << 16;
+
+    /// Notes `phone`, returning whether it was not listed before.
+    fn insert(&mut self, phone: &str) -> bool {
+        let Some(number) = crate::phone::e164_digits(phone) else {
+            return self.other.insert(phone.to_owned());
+        };
+        if self.sorted.binary_search(&number).is_ok() || !self.recent.insert(number) {
+            return false;
+        }
+        if self.recent.len() >= Self::MIN_RECENT.max(self.sorted.len() / 8) {
+            self.merge();
+        }
+        true
+    }
+
+    /// Merges the recent numbers in from the back, so that no second copy of the array is made.
+    fn merge(&mut self) {
+        let mut recent: Vec<u64> = self.recent.drain().collect();
+        recent.sort_unstable();
+        let mut kept = self.sorted.len();
+        self.sorted.resize(kept + recent.len(), 0);
+        for slot in (0..self.sorted.len()).rev() {
+            let Some(&newest) = recent.last() else { break };
+            if kept > 0 && self.sorted[kept - 1] > newest {
+                kept -= 1;
+                self.sorted[slot] = self.sorted[kept];
+            } else {
+                self.sorted[slot] = newest;
+                recent.pop();
+            }
+        }
+    }
+}
+
 fn imported_unsubscribe(phone: String) -> Event {
     let (id, idempotency_key) = mint_idempotency_key(Source::Import);
     let now = now_ms();
@@ -185,5 +234,38 @@ fn imported_unsubscribe(phone: String) -> Event {
         event_time_ms: now,
         receive_time_ms: now,
         details: serde_json::Map::<String, Value>::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_numbers_answer_like_a_set_across_merges() {
+        let mut listed = ListedNumbers::default();
+        let mut expected = HashSet::new();
+        // A multiplicative walk repeats numbers and spreads them, so merges interleave.
+        let mut state: u64 = 1;
+        for _ in 0..400_000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let n = (state >> 33) % 300_000;
+            let phone = format!("+4930{n:07}");
+            assert_eq!(
+                listed.insert(&phone),
+                expected.insert(phone.clone()),
+                "{phone}"
+            );
+        }
+        assert!(
+            listed.sorted.len() > ListedNumbers::MIN_RECENT,
+            "merged at least once"
+        );
+        assert!(listed.sorted.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(listed.sorted.len() + listed.recent.len(), expected.len());
+        assert!(listed.insert("+1234567890123456"));
+        assert!(!listed.insert("+1234567890123456"));
     }
 }

@@ -39,17 +39,6 @@ struct Shard {
     suppressed: usize,
 }
 
-/// The digits of an E.164 number as an integer; `None` for anything else.
-pub(super) fn phone_number(e164: &str) -> Option<u64> {
-    let digits = e164.strip_prefix('+')?;
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    digits.bytes().try_fold(0u64, |n, b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
-}
-
 /// The `since` of a stored phone record if it is suppressed: what the index keeps of it.
 fn since_if_suppressed(value: &[u8]) -> Option<i64> {
     let status = decode_status(value).unwrap_or_default();
@@ -222,15 +211,6 @@ impl IndexBuilder {
 mod tests {
     use super::*;
     use crate::store::record::{Reason, Record};
-
-    #[test]
-    fn phone_numbers_map_to_integers() {
-        assert_eq!(phone_number("+4911113333444"), Some(4_911_113_333_444));
-        assert_eq!(phone_number("+999999999999999"), Some(999_999_999_999_999));
-        assert_eq!(phone_number("4911113333444"), None);
-        assert_eq!(phone_number("+49a"), None);
-        assert_eq!(phone_number("+1234567890123456"), None);
-    }
 
     fn suppressed_since(since_ms: i64) -> Vec<u8> {
         let mut record = Record::default();

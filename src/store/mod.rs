@@ -358,7 +358,7 @@ impl Store {
     /// Whether a phone (already E.164) is suppressed; the bulk-check hot path, answered from
     /// the in-memory index.
     pub fn phone_status(&self, phone: &str) -> Result<Status, StoreError> {
-        match index::phone_number(phone) {
+        match crate::phone::e164_digits(phone) {
             Some(number) => Ok(self.phones.status(number)),
             None => self.status(&Subject::Phone {
                 phone: phone.to_owned(),
@@ -590,7 +590,7 @@ fn tagged(tag: u8, rest: &[u8], capacity: usize) -> Vec<u8> {
 /// The number of a phone record's key (`R` ‖ `p` ‖ len ‖ E.164).
 fn phone_of_record_key(key: &[u8]) -> Option<u64> {
     let phone = key.strip_prefix(&[RECORD, b'p'])?.get(1..)?;
-    index::phone_number(std::str::from_utf8(phone).ok()?)
+    crate::phone::e164_digits(std::str::from_utf8(phone).ok()?)
 }
 
 fn record_key(subject_key: &[u8]) -> Vec<u8> {
