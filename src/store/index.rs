@@ -6,9 +6,9 @@
 //! 15, so they fit a `u64`) to its `since`; a number that is not in it is not suppressed.
 //!
 //! Memory per number is what the operator pays for every suppressed number, so the numbers live
-//! in sorted arrays (16 bytes per number: the digits and `since`) rather than a hash map (36
-//! bytes at its power-of-two capacity). Changes first go to a small map of recent changes per
-//! shard, which is merged into the arrays once it holds a sixteenth of them, so a change costs
+//! in sorted arrays (12 bytes per number: the digits and `since` in Unix seconds, which is all
+//! an answer shows) rather than a hash map (36 bytes at its power-of-two capacity). Changes
+//! first go to a small map of recent changes per shard, which is merged into the arrays once it holds a sixteenth of them, so a change costs
 //! amortised O(1) copies and a lookup is one map probe and one binary search.
 //!
 //! Sharded so that a bulk check and the committer never wait for each other for long: a merge
@@ -30,19 +30,26 @@ pub(super) struct PhoneIndex {
 
 #[derive(Default)]
 struct Shard {
-    /// Suppressed numbers, ascending and unique; `since_ms[i]` belongs to `numbers[i]`.
+    /// Suppressed numbers, ascending and unique; `since_secs[i]` belongs to `numbers[i]`.
     numbers: Vec<u64>,
-    since_ms: Vec<i64>,
+    /// Unix seconds, or [`FAR`] for a time outside what a `u32` holds, kept in `far` instead.
+    since_secs: Vec<u32>,
+    far: HashMap<u64, i64>,
     /// Changes not yet merged into the arrays: `Some(since)` suppressed, `None` lifted.
     recent: HashMap<u64, Option<i64>>,
     /// Numbers suppressed after `recent` is applied.
     suppressed: usize,
 }
 
-/// The `since` of a stored phone record if it is suppressed: what the index keeps of it.
+/// Marks a `since` before 1970 or after 2106 (a provider's odd timestamp), kept exactly apart.
+const FAR: u32 = u32::MAX;
+
+/// The `since` of a stored phone record if it is suppressed: what the index keeps of it. Every
+/// answer shows `since` in whole seconds, so that is all the index keeps, in 4 bytes.
 fn since_if_suppressed(value: &[u8]) -> Option<i64> {
     let status = decode_status(value).unwrap_or_default();
-    status.since_ms.filter(|_| status.suppressed)
+    let since_ms = status.since_ms.filter(|_| status.suppressed)?;
+    Some(since_ms.div_euclid(1000).saturating_mul(1000))
 }
 
 fn shard_of(number: u64) -> usize {
@@ -55,11 +62,25 @@ impl Shard {
     fn since(&self, number: u64) -> Option<i64> {
         match self.recent.get(&number) {
             Some(&change) => change,
-            None => self
-                .numbers
-                .binary_search(&number)
-                .ok()
-                .and_then(|i| self.since_ms.get(i).copied()),
+            None => {
+                let i = self.numbers.binary_search(&number).ok()?;
+                match *self.since_secs.get(i)? {
+                    FAR => self.far.get(&number).copied(),
+                    secs => Some(i64::from(secs) * 1000),
+                }
+            }
+        }
+    }
+
+    /// Appends `number` (greater than any in the arrays) with its `since`.
+    fn push(&mut self, number: u64, since_ms: i64) {
+        self.numbers.push(number);
+        match u32::try_from(since_ms.div_euclid(1000)) {
+            Ok(secs) if secs != FAR => self.since_secs.push(secs),
+            _ => {
+                self.since_secs.push(FAR);
+                self.far.insert(number, since_ms);
+            }
         }
     }
 
@@ -85,37 +106,49 @@ impl Shard {
         let mut recent: Vec<(u64, Option<i64>)> =
             std::mem::take(&mut self.recent).into_iter().collect();
         recent.sort_unstable_by_key(|&(number, _)| number);
-        let mut numbers = Vec::with_capacity(self.suppressed);
-        let mut since_ms = Vec::with_capacity(self.suppressed);
-        let mut old = self
-            .numbers
-            .iter()
-            .copied()
-            .zip(self.since_ms.iter().copied())
-            .peekable();
+        let old = std::mem::replace(
+            self,
+            Shard {
+                numbers: Vec::with_capacity(self.suppressed),
+                since_secs: Vec::with_capacity(self.suppressed),
+                suppressed: self.suppressed,
+                ..Shard::default()
+            },
+        );
+        let mut kept = old.numbers.iter().copied().enumerate().peekable();
         for (number, change) in recent {
-            while let Some(&(kept, since)) = old.peek() {
-                if kept >= number {
+            while let Some(&(i, kept_number)) = kept.peek() {
+                if kept_number >= number {
                     break;
                 }
-                numbers.push(kept);
-                since_ms.push(since);
-                old.next();
+                self.push_kept(&old, i, kept_number);
+                kept.next();
             }
-            if old.peek().is_some_and(|&(kept, _)| kept == number) {
-                old.next();
+            if kept
+                .peek()
+                .is_some_and(|&(_, kept_number)| kept_number == number)
+            {
+                kept.next();
             }
             if let Some(since) = change {
-                numbers.push(number);
-                since_ms.push(since);
+                self.push(number, since);
             }
         }
-        for (kept, since) in old {
-            numbers.push(kept);
-            since_ms.push(since);
+        for (i, kept_number) in kept {
+            self.push_kept(&old, i, kept_number);
         }
-        self.numbers = numbers;
-        self.since_ms = since_ms;
+    }
+
+    /// Appends the `i`th number of `old` with its `since`.
+    fn push_kept(&mut self, old: &Shard, i: usize, number: u64) {
+        self.numbers.push(number);
+        let secs = old.since_secs.get(i).copied().unwrap_or(FAR);
+        self.since_secs.push(secs);
+        if secs == FAR {
+            if let Some(&since_ms) = old.far.get(&number) {
+                self.far.insert(number, since_ms);
+            }
+        }
     }
 }
 
@@ -187,8 +220,7 @@ impl IndexBuilder {
             shard.set(number, Some(since_ms));
             return;
         }
-        shard.numbers.push(number);
-        shard.since_ms.push(since_ms);
+        shard.push(number, since_ms);
         shard.suppressed += 1;
     }
 
@@ -272,7 +304,7 @@ mod tests {
                 expected.remove(&number);
             } else {
                 index.update(number, &suppressed_since(step));
-                expected.insert(number, step);
+                expected.insert(number, step.div_euclid(1000) * 1000);
             }
         }
         assert_eq!(index.len(), expected.len());
@@ -285,19 +317,50 @@ mod tests {
     }
 
     #[test]
+    fn since_is_kept_to_the_second_and_far_times_exactly_through_merges() {
+        let far_future = i64::from(u32::MAX) * 1000 + 7_000;
+        let mut builder = IndexBuilder::new();
+        builder.add(1, &suppressed_since(1_757_849_748_999));
+        builder.add(2, &suppressed_since(-5_500));
+        builder.add(3, &suppressed_since(far_future));
+        let index = builder.build();
+        // Enough changes to merge every shard, so the far times are carried through merges.
+        for number in 100..200_000 {
+            index.update(number, &suppressed_since(1_000));
+        }
+        index.update(3, &suppressed_since(far_future));
+        assert_eq!(index.status(1).since_ms, Some(1_757_849_748_000));
+        assert_eq!(
+            index.status(2).since_ms,
+            Some(-6_000),
+            "floored like ms_to_secs"
+        );
+        assert_eq!(index.status(3).since_ms, Some(far_future));
+        assert_eq!(index.len(), 3 + 199_900);
+        index.update(2, &Record::default().encode(None));
+        for number in 200_000..400_000 {
+            index.update(number, &suppressed_since(1_000));
+        }
+        assert_eq!(index.status(2).since_ms, None);
+        assert_eq!(index.status(3).since_ms, Some(far_future));
+        let far: usize = index.shards.iter().map(|s| read(s).far.len()).sum();
+        assert_eq!(far, 1, "a lifted far time is dropped at the next merge");
+    }
+
+    #[test]
     fn a_built_index_answers_like_an_updated_one() {
         let mut builder = IndexBuilder::new();
         for number in (1_000..3_000u64).chain([2_500, 10]) {
             let value = if number % 7 == 0 {
                 Record::default().encode(None)
             } else {
-                suppressed_since(number as i64)
+                suppressed_since(number as i64 * 1000)
             };
             builder.add(number, &value);
         }
         let index = builder.build();
-        assert_eq!(index.status(10).since_ms, Some(10));
-        assert_eq!(index.status(2_500).since_ms, Some(2_500));
+        assert_eq!(index.status(10).since_ms, Some(10_000));
+        assert_eq!(index.status(2_500).since_ms, Some(2_500_000));
         assert_eq!(index.status(1_001).since_ms, None);
         assert_eq!(index.status(3_000).since_ms, None);
         assert_eq!(
