@@ -3,8 +3,9 @@
 # `suppressd import`, then runs SOAK_SECONDS (default 600) of mixed load at once on loopback:
 # single lookups (32 connections), bulk checks of 10,000 numbers (2 connections) and durable
 # LOX24 deliveries over HTTPS where every 4th request is a retry of the one before (16
-# connections). Every 10 s it samples the service's RSS. At the end it prints throughput and
-# p50/p99/p99.9 per load, RSS over time, disk size and bytes per suppressed number; then it
+# connections). Every 10 s it samples the service's RSS and how many phones are suppressed. At
+# the end it prints throughput and p50/p99/p99.9 per load, RSS over time, disk size and the
+# highest RSS per suppressed number of any sample (the first is right after the import); then it
 # SIGKILLs the service, restarts it and checks that the number of suppressed phones is the same
 # (nothing acknowledged was lost), and prints its RSS once the restart has settled. CACHE_MB
 # (default 256) is passed as --cache-mb. The loaded numbers (+49103…) are apart from the ones
@@ -38,9 +39,9 @@ echo "== mixed load for ${SECONDS_TOTAL}s"
 SUPPRESSED_BASE=300000000 SUPPRESSED_COUNT="$NUMBERS" wrk -t1 -c32 -d"${SECONDS_TOTAL}s" -s benches/lookup.lua "http://$api" > "$work/lookups" 2>&1 &
 wrk -t1 -c2 -d"${SECONDS_TOTAL}s" -s benches/check.lua "http://$api/v1/check" > "$work/bulk" 2>&1 &
 RETRY_EVERY=4 wrk -t1 -c16 -d"${SECONDS_TOTAL}s" -s benches/lox24.lua "https://$webhook/webhooks/lox24" > "$work/deliveries" 2> "$work/delivery-errors" &
-echo "elapsed_s rss_mib" > "$work/rss"
+echo "elapsed_s rss_mib phones" > "$work/rss"
 for ((t = 0; t <= SECONDS_TOTAL; t += 10)); do
-  echo "$t $(rss_mb)" >> "$work/rss"
+  echo "$t $(rss_mb) $(suppressed_phones)" >> "$work/rss"
   sleep 10
 done
 wait $(jobs -p | grep -v "^$pid$") 2>/dev/null || true
@@ -60,7 +61,8 @@ printf 'single lookups:   %s/s;%s\n' "$(rps "$work/lookups")" "$(pct "$work/look
 printf 'bulk checks:      %s numbers/s;%s per 10,000\n' "$(awk -v r="$(rps "$work/bulk")" 'BEGIN {printf "%.0f", r * 10000}')" "$(pct "$work/bulk")"
 printf 'deliveries:       %s/s (1 in 4 a retry);%s; non-200 answers: %s\n' "$(rps "$work/deliveries")" "$(pct "$work/deliveries")" "$(grep -c 'unexpected status' "$work/delivery-errors" || true)"
 printf 'suppressed phones %s; RSS at end %s MiB (max %s); disk %s MiB\n' "$phones" "$rss_end" "$rss_max" "$((disk_bytes / 1048576))"
-awk -v r="$rss_max" -v d="$disk_bytes" -v n="$phones" 'BEGIN {printf "per suppressed number: %.1f B of RSS (max), %.0f B on disk\n", r * 1048576 / n, d / n}'
+# Each sample's RSS over the suppressed phones at that moment: the list grows during the load.
+awk -v d="$disk_bytes" -v n="$phones" 'NR > 1 && $3 > 0 {b = $2 * 1048576 / $3; if (b > m) m = b} END {printf "per suppressed number: at most %.1f B of RSS (of any sample), %.0f B on disk\n", m, d / n}' "$work/rss"
 
 kill -9 "$pid"
 wait "$pid" 2>/dev/null || true
