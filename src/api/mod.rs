@@ -159,22 +159,19 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         Some(Endpoint::Record(path)) if request.method() == Method::PUT => {
             let subject = subject(state, &path)?;
             let change = read_change(request).await?;
-            manual_change(state, subject.clone(), Kind::Suppress, change, actor).await?;
-            record_response(state, subject).await
+            manual_change(state, subject, Kind::Suppress, change, actor).await?;
+            subject_record(state, &path)
         }
         Some(Endpoint::Record(path)) if request.method() == Method::DELETE => {
             let subject = subject(state, &path)?;
             let note = query_param(request.uri().query(), "note").map(|n| n.into_owned());
             let mut change = read_change(request).await?;
             change.note = change.note.or(note).filter(|n| !n.trim().is_empty());
-            lift(state, subject.clone(), change, actor).await?;
-            record_response(state, subject).await
+            lift(state, subject, change, actor).await?;
+            subject_record(state, &path)
         }
-        Some(Endpoint::Record(path)) => record_response(state, subject(state, &path)?).await,
-        Some(Endpoint::History(path)) => {
-            let subject = subject(state, &path)?;
-            off_the_runtime(state, move |state| history_response(state, &subject)).await
-        }
+        Some(Endpoint::Record(path)) => subject_record(state, &path),
+        Some(Endpoint::History(path)) => subject_history(state, &path),
         Some(Endpoint::Check) => match LineFormat::of(&request) {
             Some(format) => Ok(check::check_stream(state.clone(), request, format)),
             None => check::check(state, request).await,
@@ -306,38 +303,16 @@ fn account_id(field: &str, value: &str) -> Result<String, HttpError> {
     Ok(value.to_owned())
 }
 
-/// Runs a database read on the blocking pool. A read that misses both sled's cache and the page
-/// cache waits on the disk, and on one of the runtime's worker threads (one per core) it would
-/// hold up every connection that thread serves, answers from memory included.
-async fn off_the_runtime<T: Send + 'static>(
-    state: &Arc<AppState>,
-    read: impl FnOnce(&AppState) -> Result<T, HttpError> + Send + 'static,
-) -> Result<T, HttpError> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || read(&state))
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("the database read did not finish: {e}")))?
-}
-
-/// A subject's record as the API shows it.
-async fn record_response(state: &Arc<AppState>, subject: Subject) -> Result<Response, HttpError> {
-    state.metrics.lookups(false, 1);
+fn subject_record(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
+    let subject = subject(state, path)?;
     // Most numbers looked up are not suppressed: the in-memory index answers those without
     // touching the database (a record that is not suppressed has no reasons to show).
-    if let Subject::Phone { phone } = &subject {
-        if !state.store.phone_status(phone)?.suppressed {
-            return record_view(&subject, None);
-        }
-    }
-    off_the_runtime(state, move |state| {
-        let bytes = state.store.record_bytes(&subject)?;
-        record_view(&subject, bytes.as_deref())
-    })
-    .await
-}
-
-fn record_view(subject: &Subject, bytes: Option<&[u8]>) -> Result<Response, HttpError> {
-    let (status, reasons) = match bytes {
+    let bytes = match &subject {
+        Subject::Phone { phone } if !state.store.phone_status(phone)?.suppressed => None,
+        _ => state.store.record_bytes(&subject)?,
+    };
+    state.metrics.lookups(false, 1);
+    let (status, reasons) = match &bytes {
         Some(bytes) => (
             decode_status(bytes).map_err(StoreError::from)?,
             Some(reasons_json(bytes).map_err(StoreError::from)?),
@@ -347,7 +322,7 @@ fn record_view(subject: &Subject, bytes: Option<&[u8]>) -> Result<Response, Http
     let empty = RawValue::from_string("[]".to_owned())
         .map_err(|e| HttpError::bad_request(e.to_string()))?;
     let view = RecordView {
-        subject,
+        subject: &subject,
         suppressed: status.suppressed,
         since: status.since_ms.map(ms_to_secs),
         reasons: reasons.unwrap_or(&empty),
@@ -365,9 +340,10 @@ struct RecordView<'a> {
     reasons: &'a RawValue,
 }
 
-fn history_response(state: &AppState, subject: &Subject) -> Result<Response, HttpError> {
-    let events = state.store.history(subject)?;
-    let mut body = subject_fields(subject);
+fn subject_history(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
+    let subject = subject(state, path)?;
+    let events = state.store.history(&subject)?;
+    let mut body = subject_fields(&subject);
     body["events"] = Value::Array(events.iter().map(history_view).collect());
     Ok(json_response(StatusCode::OK, &body))
 }
