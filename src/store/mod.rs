@@ -752,26 +752,46 @@ mod tests {
         assert_ne!(account("tencent:ab", "c"), account("tencent:a", "bc"));
     }
 
-    #[tokio::test]
-    async fn minted_keys_are_found_in_the_history_and_get_no_key_of_their_own() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = StoreConfig {
-            dir: dir.path().to_path_buf(),
+    fn small_config(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            dir: dir.to_path_buf(),
             cache_bytes: 1 << 20,
             rules: Rules::default(),
-        };
-        let subject = Subject::Phone {
-            phone: "+4930123456".into(),
-        };
-        let event = |idempotency_key: &str, time_ms: i64| Event {
+        }
+    }
+
+    fn unsubscribe(
+        subject: &Subject,
+        source: crate::event::Source,
+        idempotency_key: &str,
+        time_ms: i64,
+    ) -> Event {
+        Event {
             subject: subject.clone(),
-            source: crate::event::Source::Import,
+            source,
             kind: crate::event::Kind::Unsubscribe,
             idempotency_key: idempotency_key.into(),
             event_id: None,
             event_time_ms: time_ms,
             receive_time_ms: time_ms,
             details: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn minted_keys_are_found_in_the_history_and_get_no_key_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = small_config(dir.path());
+        let subject = Subject::Phone {
+            phone: "+4930123456".into(),
+        };
+        let event = |idempotency_key: &str, time_ms: i64| {
+            unsubscribe(
+                &subject,
+                crate::event::Source::Import,
+                idempotency_key,
+                time_ms,
+            )
         };
         let (_, minted) = crate::event::mint_idempotency_key(crate::event::Source::Import);
         let open = || Store::open(&config, Arc::new(Metrics::default())).expect("open");
@@ -807,23 +827,17 @@ mod tests {
     #[tokio::test]
     async fn a_record_carries_its_first_event_and_records_without_one_still_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = StoreConfig {
-            dir: dir.path().to_path_buf(),
-            cache_bytes: 1 << 20,
-            rules: Rules::default(),
-        };
+        let config = small_config(dir.path());
         let phone = |phone: &str| Subject::Phone {
             phone: phone.into(),
         };
-        let event = |subject: &Subject, idempotency_key: &str, time_ms: i64| Event {
-            subject: subject.clone(),
-            source: crate::event::Source::Lox24,
-            kind: crate::event::Kind::Unsubscribe,
-            idempotency_key: idempotency_key.into(),
-            event_id: None,
-            event_time_ms: time_ms,
-            receive_time_ms: time_ms,
-            details: Default::default(),
+        let event = |subject: &Subject, idempotency_key: &str, time_ms: i64| {
+            unsubscribe(
+                subject,
+                crate::event::Source::Lox24,
+                idempotency_key,
+                time_ms,
+            )
         };
         let keys = |store: &Store, subject: &Subject, tag: u8| {
             let database = store.database.get().expect("open");
