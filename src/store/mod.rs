@@ -147,10 +147,7 @@ impl Snapshot {
         let mut entries: Vec<(EntryOrder, StoredEvent)> = Vec::new();
         if at_record.as_ref() == Some(&key) {
             if let Some(Ok((_, value))) = self.records.next() {
-                if let Some(entry) = record::first_event(&value)? {
-                    let (order, json) = split_inline_entry(entry)?;
-                    entries.push((order, parse_entry(json)?));
-                }
+                entries.extend(carried_entry(&value)?);
             }
         }
         while peek_key(&mut self.history)?
@@ -695,18 +692,23 @@ fn history_entries<T: serde::de::DeserializeOwned>(
     subject_key: &[u8],
     record: Option<&[u8]>,
 ) -> Result<impl Iterator<Item = Result<(EntryOrder, T), StoreError>>, StoreError> {
-    let carried = match record.map(record::first_event).transpose()?.flatten() {
-        Some(entry) => {
-            let (order, json) = split_inline_entry(entry)?;
-            Some(parse_entry(json).map(|event| (order, event)))
-        }
-        None => None,
-    };
+    let carried = record.map(carried_entry).transpose()?.flatten();
     let keyed = tree.scan_prefix(history_prefix(subject_key)).map(|entry| {
         let (key, value) = entry?;
         Ok((order_of_history_key(&key)?, parse_entry(&value)?))
     });
-    Ok(carried.into_iter().chain(keyed))
+    Ok(carried.map(Ok).into_iter().chain(keyed))
+}
+
+/// The history entry a stored record carries, if any, read as `T` with its order.
+fn carried_entry<T: serde::de::DeserializeOwned>(
+    record: &[u8],
+) -> Result<Option<(EntryOrder, T)>, StoreError> {
+    let Some(entry) = record::first_event(record)? else {
+        return Ok(None);
+    };
+    let (order, json) = split_inline_entry(entry)?;
+    Ok(Some((order, parse_entry(json)?)))
 }
 
 #[cfg(test)]
