@@ -38,7 +38,7 @@ use super::record::{self, Rules};
 use super::wal::Wal;
 use super::{
     entry_order, history_entries, history_key, inline_entry, phone_of_record_key, record_key,
-    seen_key, subject_key, Outcome, Record, StoreConfig, StoreError, StoredEvent, HISTORY,
+    seen_key, subject_key, Outcome, Record, StoreConfig, StoreError, StoredEvent,
 };
 use crate::event::{is_minted_idempotency_key, Event};
 use crate::metrics::Metrics;
@@ -319,23 +319,25 @@ impl Applier {
             // The event that creates a record travels in it: most subjects (every imported
             // number) never have another, and a key of their own would double the keys sled
             // keeps pages and memory for.
-            let (entry_key, first_event) = match &stored_record {
-                None if applied => (record_key.clone(), Some(inline_entry(&order, &stored))),
-                None => (history_key(&subject, &order), None),
-                Some(bytes) => (
-                    history_key(&subject, &order),
-                    record::first_event(bytes)?.map(<[u8]>::to_vec),
-                ),
+            let creates_record = applied && stored_record.is_none();
+            let entry_key = if creates_record {
+                record_key.clone()
+            } else {
+                history_key(&subject, &order)
             };
+            mine.remember(event, subject, &entry_key);
             if applied {
                 if matches!(event.subject, crate::event::Subject::Account { .. }) {
                     mine.suppressed_accounts +=
                         i64::from(record.suppressed()) - i64::from(was_suppressed);
                 }
+                let first_event = match &stored_record {
+                    None => Some(inline_entry(&order, &stored)),
+                    Some(bytes) => record::first_event(bytes)?.map(<[u8]>::to_vec),
+                };
                 mine.put(record_key, record.encode(first_event.as_deref()));
             }
-            mine.remember(event, subject, &entry_key);
-            if entry_key.first() == Some(&HISTORY) {
+            if !creates_record {
                 mine.put(entry_key, stored);
             }
             outcomes.push(if applied {
