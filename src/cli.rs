@@ -209,6 +209,42 @@ pub struct ServeArgs {
     )]
     pub cache_mb: u64,
 
+    /// Size of one log segment file in MiB. Segments are allocated whole, so that an append
+    /// syncs data only; the next one is prepared ahead, so the log needs twice this free.
+    #[arg(
+        long,
+        env = "SUPPRESSD_LOG_SEGMENT_MB",
+        value_name = "MIB",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(1..=1024)
+    )]
+    pub log_segment_mb: u64,
+
+    /// Write a snapshot of the list once the log has grown by this many MiB since the last one.
+    /// Log segments a snapshot covers are then removed, which bounds the disk the log takes.
+    #[arg(
+        long,
+        env = "SUPPRESSD_SNAPSHOT_EVERY_MB",
+        value_name = "MIB",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub snapshot_every_mb: u64,
+
+    /// Write a snapshot once this many events were logged since the last one.
+    #[arg(
+        long,
+        env = "SUPPRESSD_SNAPSHOT_EVERY_EVENTS",
+        value_name = "N",
+        default_value_t = 1_000_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub snapshot_every_events: u64,
+
+    /// Write a snapshot at least this often while events arrive.
+    #[arg(long, env = "SUPPRESSD_SNAPSHOT_EVERY_SECONDS", value_name = "SECONDS", default_value = "3600", value_parser = parse_seconds)]
+    pub snapshot_every_seconds: u64,
+
     /// Log line format.
     #[arg(long, env = "SUPPRESSD_LOG_FORMAT", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -75,7 +75,11 @@ pub struct Metrics {
     flush_latency: Histogram,
     write_failures: AtomicU64,
     reopens: AtomicU64,
+    rebuilds: AtomicU64,
     flushed_requests: AtomicU64,
+    log_bytes: AtomicU64,
+    snapshot_bytes: AtomicU64,
+    snapshots_written: AtomicU64,
 }
 
 fn bump(map: &Mutex<BTreeMap<String, u64>>, key: String) {
@@ -156,6 +160,22 @@ impl Metrics {
         self.reopens.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The database was rebuilt from the snapshot and the log.
+    pub fn store_rebuilt(&self) {
+        self.rebuilds.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot was written and read back.
+    pub fn snapshot_written(&self) {
+        self.snapshots_written.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What the log's segments and the kept snapshots occupy on disk now.
+    pub fn log_and_snapshot_bytes(&self, log: u64, snapshots: u64) {
+        self.log_bytes.store(log, Ordering::Relaxed);
+        self.snapshot_bytes.store(snapshots, Ordering::Relaxed);
+    }
+
     /// `suppressed` is (phones, accounts) suppressed now.
     pub fn render(&self, size_on_disk: Option<u64>, suppressed: (u64, u64)) -> String {
         let mut out = String::with_capacity(4096);
@@ -214,7 +234,7 @@ impl Metrics {
             ),
             (
                 "suppressd_store_flush_duration_seconds",
-                "Group-commit sync (WAL write + fdatasync) latency.",
+                "Group-commit sync (log append + fdatasync, then the database write) latency.",
                 &self.flush_latency,
             ),
         ] {
@@ -234,6 +254,34 @@ impl Metrics {
             "counter",
             "Times the database was reopened to recover from a storage failure (a full disk, an I/O error).",
             self.reopens.load(Ordering::Relaxed),
+        );
+        render_value(
+            &mut out,
+            "suppressd_store_rebuilds_total",
+            "counter",
+            "Times the database was rebuilt from the snapshot and the log because it could not be trusted.",
+            self.rebuilds.load(Ordering::Relaxed),
+        );
+        render_value(
+            &mut out,
+            "suppressd_store_snapshots_total",
+            "counter",
+            "Snapshots written and read back.",
+            self.snapshots_written.load(Ordering::Relaxed),
+        );
+        render_value(
+            &mut out,
+            "suppressd_store_log_bytes",
+            "gauge",
+            "Bytes the log's segments occupy on disk.",
+            self.log_bytes.load(Ordering::Relaxed),
+        );
+        render_value(
+            &mut out,
+            "suppressd_store_snapshot_bytes",
+            "gauge",
+            "Bytes the kept snapshots occupy on disk.",
+            self.snapshot_bytes.load(Ordering::Relaxed),
         );
         render_value(
             &mut out,

@@ -13,7 +13,7 @@ use crate::phone::Normalizer;
 use crate::providers::tencent::TencentConfig;
 use crate::secret::Secret;
 use crate::server::{self, AppState, Listeners};
-use crate::store::{Rules, Store, StoreConfig, StoreError};
+use crate::store::{Rules, SnapshotPolicy, Store, StoreConfig, StoreError};
 use crate::systemd;
 use crate::tls::{CertSource, Tls};
 use crate::webhooks::WebhookConfig;
@@ -109,11 +109,17 @@ pub async fn serve(
 
     let metrics = Arc::new(Metrics::default());
     let store_config = StoreConfig {
-        dir: args.data_dir.clone(),
         cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
         rules: Rules {
             lost_threshold: args.sendios_lost_threshold,
         },
+        segment_bytes: args.log_segment_mb * 1024 * 1024,
+        snapshots: SnapshotPolicy {
+            every_bytes: args.snapshot_every_mb.saturating_mul(1024 * 1024),
+            every_events: args.snapshot_every_events,
+            every: std::time::Duration::from_secs(args.snapshot_every_seconds.max(1)),
+        },
+        ..StoreConfig::new(args.data_dir.clone())
     };
     let store = {
         let metrics = metrics.clone();

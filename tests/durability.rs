@@ -407,7 +407,7 @@ async fn a_data_directory_turned_read_only_answers_500_and_recovers_once_repaire
 async fn the_watchdog_is_pinged_through_a_reopen_longer_than_its_timeout() {
     const TEST: &str = "the_watchdog_is_pinged_through_a_reopen_longer_than_its_timeout";
     const REOPENING: &str = "STATUS=reopening the database after a storage failure";
-    const WATCHDOG_TIMEOUT: Duration = Duration::from_millis(600);
+    const WATCHDOG_TIMEOUT: Duration = Duration::from_millis(250);
     const NUMBERS: usize = 40_000;
     if !common::tools_present(TEST, &["mkfs.ext4", "e2fsck", "losetup"]) {
         return;

@@ -1,65 +1,56 @@
-//! Group commit: the single writer of the database, in two pipelined stages.
+//! Group commit: the single writer of the store, in two pipelined threads.
 //!
-//! Stage one, the committer thread, takes every request that is waiting and computes each one's
-//! writes against the tree plus the writes of the requests before it (so a redelivery is
-//! recognised even inside one batch). A request whose writes cannot be computed (an unreadable
-//! record) is answered with its error and contributes nothing. The batch's writes go to sled as
-//! one atomic `apply_batch`, in memory; the batch then moves to stage two.
+//! The committer thread takes every request that is waiting and plans it (see [`super::apply`])
+//! against the tree and every batch still on its way, numbering each new event with the next
+//! sequence number. A request whose plan fails (an unreadable record) is answered with its error
+//! and contributes nothing. The batch then moves to the syncer.
 //!
-//! Stage two, the syncer thread, takes every applied batch that is waiting, appends their events
-//! to the write-ahead log as one record with one `fdatasync`, and only then answers their
-//! requests (see [`super::wal`]). While one batch syncs, the next is already being computed, and
-//! requests that arrive meanwhile share the next sync: throughput grows with concurrency instead
-//! of being capped at one fsync per request. As the only writer, the committer needs no
-//! transactions.
+//! The syncer thread takes every planned batch that is waiting, appends their events to the log
+//! as one record with one `fdatasync` — from then on they are the truth — then writes their plans
+//! to sled as one atomic batch carrying the stamp, and only then answers the requests. While one
+//! batch syncs the next is being planned, and requests that arrive meanwhile share the next sync:
+//! throughput grows with concurrency instead of being capped at one fsync per request. sled never
+//! holds an event the log does not.
 //!
-//! If applying or syncing fails, every request of the affected batches is answered with the
-//! error: nothing in them is acknowledged, and providers retry (idempotency keys make the retry
-//! harmless). A retry may then find its event already applied in memory and be told
-//! "duplicate", so after a failure nothing more is acknowledged until a checkpoint has made all
-//! of memory durable.
-//!
-//! sled's own errors are sticky: once a write failed, the checkpoint fails too, for good. Then
-//! the syncer reopens the database (see [`super::database`]) as soon as the data directory takes
-//! writes again, tried at most every [`REOPEN_RETRY`] while requests keep coming. Requests applied
-//! to the database that was closed are answered with an error: their effects died with it.
+//! When the log or sled fails, nothing of the batch is acknowledged and the syncer bumps the
+//! epoch: every batch planned before (against writes that may now never happen) is refused, and
+//! the committer starts again from what the log durably holds. The syncer then reopens the store
+//! as a start does (see [`super::recovery`]) as soon as the data directory takes writes again,
+//! tried at most every [`REOPEN_RETRY`] while requests keep coming. Providers retry refused
+//! requests; idempotency keys make the retry harmless.
 
-use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::database::{Database, Slot};
-use super::index::PhoneIndex;
-use super::record::{self, Rules};
-use super::wal::Wal;
-use super::{
-    entry_order, history_entries, history_key, inline_entry, phone_of_record_key, record_key,
-    seen_key, subject_key, Outcome, Record, StoreConfig, StoreError, StoredEvent,
-};
-use crate::event::{is_minted_idempotency_key, Event};
+use super::apply::{self, Plan, Planner, View, Views};
+use super::database::Slot;
+use super::keys::Stamp;
+use super::log::Log;
+use super::recovery::{self, Opened};
+use super::snapshotter::Snapshotter;
+use super::{Outcome, StoreConfig, StoreError};
+use crate::event::Event;
 use crate::metrics::Metrics;
 
-/// The most requests applied before one sync; bounds the latency a batch adds.
+/// The most requests planned into one batch; bounds the latency a batch adds.
 const MAX_BATCH: usize = 1024;
-/// Applied batches waiting for the syncer; when it falls behind, the committer waits.
+/// Planned batches waiting for the syncer; when it falls behind, the committer waits.
 const SYNC_QUEUE: usize = 4;
-/// A checkpoint empties the WAL once it is this large or this old, bounding replay time.
-const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// After a storage failure, how often requests may trigger an attempt to reopen the database.
+/// How often the syncer looks at its housekeeping (snapshots, metrics) when idle.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// After a storage failure, how often requests may trigger an attempt to reopen the store.
 const REOPEN_RETRY: Duration = Duration::from_secs(2);
 /// Free space the data directory needs before a reopen is tried: sled writes as it recovers.
 const REOPEN_MIN_FREE: u64 = 8 * 1024 * 1024;
 /// How long a reopen waits for readers (an export) to let go of the old database.
 const READERS_PATIENCE: Duration = Duration::from_secs(10);
-/// How long the committer holds requests while the database is being reopened.
+/// How long the committer holds requests while the store is being reopened.
 const REOPEN_PATIENCE: Duration = Duration::from_secs(30);
-/// sled releases its file lock once its background threads have wound down.
-const LOCK_PATIENCE: Duration = Duration::from_secs(5);
 
 pub(super) type Reply = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
 
@@ -68,75 +59,80 @@ pub(super) enum Job {
         events: Vec<Event>,
         reply: Reply,
     },
-    /// Answered with a sequence number once every event with a lower one is applied, or with
-    /// `None` when there is no open database to number it in.
+    /// Answered with a sequence number once every event numbered below it is in sled, or with
+    /// `None` when the store is down.
     Barrier(oneshot::Sender<Option<u64>>),
     Stop,
 }
 
-/// Requests whose writes are applied and now wait for the WAL, with what each will be told.
-#[derive(Default)]
-struct Applied {
-    /// The database generation the writes went to; `None` when there was none to write to.
-    generation: Option<u64>,
-    /// sled refused the writes: the syncer must checkpoint (or reopen) before acknowledging.
-    write_failed: bool,
-    /// Events of the requests that were applied, in order, for the WAL.
-    events: Vec<Event>,
+/// What the two threads share.
+pub(super) struct Shared {
+    /// Bumped by the syncer when planned batches can no longer be written (a failure) and again
+    /// once the store is reopened; a batch planned in another epoch is refused.
+    epoch: AtomicU64,
+    /// The sequence number the log gives its next event, as of the last reopen.
+    durable_next: AtomicU64,
+    /// The id of the last batch the syncer is done with (written or refused).
+    done: AtomicU64,
+}
+
+/// One planned batch on its way to the syncer.
+struct Batch {
+    id: u64,
+    epoch: u64,
+    plan: Arc<Plan>,
+    /// `false` when there was no database to plan against: every reply is an error already.
+    planned: bool,
     replies: Vec<(Reply, Result<Vec<Outcome>, StoreError>)>,
-}
-
-/// Computes and applies writes; used by the committer and by WAL replay at open.
-#[derive(Clone)]
-pub(super) struct Applier {
-    pub rules: Rules,
-    /// Kept in step with every phone record written.
-    pub phones: Arc<PhoneIndex>,
-    /// Kept in step with every account record written (phones are counted by the index).
-    pub suppressed_accounts: Arc<std::sync::atomic::AtomicI64>,
-}
-
-/// What the two stages share: the rules, the database, the WAL and where they live.
-pub(super) struct Pipeline {
-    pub applier: Applier,
-    pub database: Arc<Slot>,
-    pub wal: Wal,
-    pub config: StoreConfig,
+    barriers: Vec<oneshot::Sender<Option<u64>>>,
 }
 
 pub(super) fn spawn(
-    pipeline: Pipeline,
+    opened: Opened,
+    planner: Planner,
+    views: Views,
+    slot: Arc<Slot>,
+    config: StoreConfig,
     jobs: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let (applied, to_sync) = std::sync::mpsc::sync_channel::<Applied>(SYNC_QUEUE);
-    let committer_metrics = metrics.clone();
-    let Pipeline {
-        applier,
+    let (to_syncer, batches) = std::sync::mpsc::sync_channel::<Batch>(SYNC_QUEUE);
+    let shared = Arc::new(Shared {
+        epoch: AtomicU64::new(0),
+        durable_next: AtomicU64::new(opened.log.next_seq()),
+        done: AtomicU64::new(0),
+    });
+    let Opened {
+        log,
         database,
-        wal,
-        config,
-    } = pipeline;
+        stamp,
+        snapshot_seq,
+    } = opened;
+    slot.install(database);
     let syncer = Syncer {
-        applier: applier.clone(),
-        generation: database.generation().unwrap_or(0),
-        database: database.clone(),
-        wal,
+        snapshots: Snapshotter::new(&config, snapshot_seq, log.next_seq()),
+        planner: Planner {
+            rules: planner.rules,
+        },
+        views,
+        slot: slot.clone(),
+        log: Some(log),
+        stamp,
         config,
         metrics,
-        last_checkpoint: Instant::now(),
-        must_checkpoint: false,
+        shared: shared.clone(),
+        healthy: true,
         last_reopen: None,
         told_waiting: false,
-        sync_failures: FailureRun::default(),
+        failures: FailureRun::default(),
     };
     let syncer = std::thread::Builder::new()
         .name("store-syncer".into())
-        .spawn(move || syncer.run(to_sync))?;
+        .spawn(move || syncer.run(batches))?;
     std::thread::Builder::new()
         .name("store-committer".into())
         .spawn(move || {
-            run_committer(&applier, &database, jobs, applied, &committer_metrics);
+            run_committer(&planner, &slot, &shared, jobs, to_syncer);
             // The syncer ends once the committer's sender is dropped and it has answered all.
             if syncer.join().is_err() {
                 tracing::error!("store syncer panicked");
@@ -145,27 +141,32 @@ pub(super) fn spawn(
 }
 
 fn run_committer(
-    applier: &Applier,
+    planner: &Planner,
     slot: &Slot,
+    shared: &Shared,
     mut jobs: mpsc::Receiver<Job>,
-    syncer: std::sync::mpsc::SyncSender<Applied>,
-    metrics: &Metrics,
+    syncer: std::sync::mpsc::SyncSender<Batch>,
 ) {
-    let mut batch: Vec<(Vec<Event>, Reply)> = Vec::new();
-    let mut barriers = Vec::new();
-    let mut write_failures = FailureRun::default();
+    let mut epoch = shared.epoch.load(Ordering::Acquire);
+    let mut next_seq = shared.durable_next.load(Ordering::Acquire);
+    // Batches sent but not yet written to sled, oldest first, with their ids.
+    let mut in_flight: Vec<Arc<Plan>> = Vec::new();
+    let mut in_flight_ids: Vec<u64> = Vec::new();
+    let mut next_id = 1;
     let mut stopping = false;
     while !stopping {
         let Some(mut job) = jobs.blocking_recv() else {
             break;
         };
+        let mut requests: Vec<(Vec<Event>, Reply)> = Vec::new();
+        let mut barriers = Vec::new();
         loop {
             match job {
-                Job::Commit { events, reply } => batch.push((events, reply)),
+                Job::Commit { events, reply } => requests.push((events, reply)),
                 Job::Barrier(reply) => barriers.push(reply),
                 Job::Stop => stopping = true,
             }
-            if stopping || batch.len() >= MAX_BATCH {
+            if stopping || requests.len() >= MAX_BATCH {
                 break;
             }
             match jobs.try_recv() {
@@ -173,356 +174,298 @@ fn run_committer(
                 Err(_) => break,
             }
         }
-        // The database is let go of before waiting on the syncer, which may be reopening it.
-        let applied = match slot.wait(REOPEN_PATIENCE) {
+        let id = next_id;
+        next_id += 1;
+        let database = slot.wait(REOPEN_PATIENCE);
+        // Read after waiting: a reopen publishes the log's end and the new epoch before it
+        // installs the database.
+        let now = shared.epoch.load(Ordering::Acquire);
+        if now != epoch {
+            epoch = now;
+            next_seq = shared.durable_next.load(Ordering::Acquire);
+            in_flight.clear();
+            in_flight_ids.clear();
+        }
+        let done = shared.done.load(Ordering::Acquire);
+        let written = in_flight_ids.iter().take_while(|&&i| i <= done).count();
+        in_flight.drain(..written);
+        in_flight_ids.drain(..written);
+        let batch = match database {
             Ok(database) => {
-                let applied =
-                    applier.apply_requests(&database, &mut batch, metrics, &mut write_failures);
-                for barrier in barriers.drain(..) {
-                    let _ = barrier.send(database.db.generate_id().ok());
+                let view = View {
+                    tree: &database.tree,
+                    in_flight: &in_flight,
+                };
+                let mut plan = Plan::starting_at(next_seq);
+                let replies = requests
+                    .into_iter()
+                    .map(|(events, reply)| (reply, planner.plan(&view, &mut plan, &events)))
+                    .collect();
+                next_seq = plan.next_seq();
+                let plan = Arc::new(plan);
+                if !plan.is_empty() {
+                    in_flight.push(plan.clone());
+                    in_flight_ids.push(id);
                 }
-                applied
+                Batch {
+                    id,
+                    epoch,
+                    plan,
+                    planned: true,
+                    replies,
+                    barriers,
+                }
             }
-            Err(e) => {
-                metrics.store_write_failed();
-                write_failures.failed("store write", batch.len(), &e);
-                for barrier in barriers.drain(..) {
-                    let _ = barrier.send(None);
-                }
-                Applied {
-                    generation: None,
-                    write_failed: true,
-                    events: Vec::new(),
-                    replies: batch
-                        .drain(..)
-                        .map(|(_, reply)| (reply, Err(StoreError::Unavailable(e.to_string()))))
-                        .collect(),
-                }
-            }
+            Err(e) => Batch {
+                id,
+                epoch,
+                plan: Arc::new(Plan::starting_at(next_seq)),
+                planned: false,
+                replies: requests
+                    .into_iter()
+                    .map(|(_, reply)| (reply, Err(StoreError::Unavailable(e.to_string()))))
+                    .collect(),
+                barriers,
+            },
         };
-        if syncer.send(applied).is_err() {
+        if syncer.send(batch).is_err() {
             tracing::error!("store syncer is gone; stopping the committer");
             break;
         }
     }
 }
 
-impl Applier {
-    fn apply_requests(
-        &self,
-        database: &Database,
-        batch: &mut Vec<(Vec<Event>, Reply)>,
-        metrics: &Metrics,
-        failures: &mut FailureRun,
-    ) -> Applied {
-        let mut pending = Pending::default();
-        let results: Vec<_> = batch
-            .iter()
-            .map(|(events, _)| self.plan(database, events, &mut pending))
-            .collect();
-        // Only a write that reached sled shows that writes work again: a batch of duplicates
-        // or of watchdog barriers alone writes nothing.
-        let writes_anything = !pending.writes.is_empty();
-        let written = self.write(database, pending);
-        match &written {
-            Ok(()) if writes_anything => failures.ended("store writes"),
-            Ok(()) => {}
-            Err(e) => {
-                metrics.store_write_failed();
-                failures.failed("store write", batch.len(), e);
-            }
-        }
-        let mut applied = Applied {
-            generation: Some(database.generation),
-            write_failed: written.is_err(),
-            ..Applied::default()
-        };
-        for ((events, reply), result) in batch.drain(..).zip(results) {
-            let result = match (&written, result) {
-                (Err(e), _) => Err(StoreError::Sled(e.clone())),
-                (Ok(()), Ok(outcomes)) => {
-                    applied.events.extend(events);
-                    Ok(outcomes)
-                }
-                (Ok(()), Err(e)) => Err(e),
-            };
-            applied.replies.push((reply, result));
-        }
-        applied
-    }
-
-    /// Re-applies events recovered from the WAL; those sled already has are duplicates.
-    pub fn replay(&self, database: &Database, events: &[Event]) -> Result<(), StoreError> {
-        let mut pending = Pending::default();
-        self.plan(database, events, &mut pending)?;
-        Ok(self.write(database, pending)?)
-    }
-
-    /// Applies one batch's writes atomically.
-    fn write(&self, database: &Database, pending: Pending) -> Result<(), sled::Error> {
-        if pending.writes.is_empty() {
-            return Ok(());
-        }
-        let account_delta = pending.suppressed_accounts;
-        let mut batch = sled::Batch::default();
-        let mut phones = Vec::new();
-        for (key, value) in pending.writes {
-            if let Some(number) = phone_of_record_key(&key) {
-                phones.push((number, value.clone()));
-            }
-            batch.insert(key, value);
-        }
-        database.tree.apply_batch(batch)?;
-        for (number, value) in phones {
-            self.phones.update(number, &value);
-        }
-        self.suppressed_accounts
-            .fetch_add(account_delta, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Computes one request's writes into `pending`; on error, `pending` is left as it was.
-    fn plan(
-        &self,
-        database: &Database,
-        events: &[Event],
-        pending: &mut Pending,
-    ) -> Result<Vec<Outcome>, StoreError> {
-        let mut mine = Pending::default();
-        let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
-            let subject = subject_key(&event.subject);
-            let record_key = record_key(&subject);
-            let stored_record = mine.get(&record_key, pending, &database.tree)?;
-            if mine.has_seen(
-                event,
-                &subject,
-                stored_record.as_deref(),
-                pending,
-                &database.tree,
-            )? {
-                outcomes.push(Outcome::Duplicate);
-                continue;
-            }
-            let mut record = match &stored_record {
-                Some(bytes) => Record::decode(bytes)?,
-                None => Record::default(),
-            };
-            let was_suppressed = record.suppressed();
-            let applied = record.apply(event, &self.rules);
-            let order = entry_order(event.event_time_ms, database.db.generate_id()?);
-            let stored = StoredEvent {
-                event: event.clone(),
-                applied,
-            };
-            let stored = serde_json::to_vec(&stored).map_err(StoreError::CorruptHistory)?;
-            // The event that creates a record travels in it: most subjects (every imported
-            // number) never have another, and a key of their own would double the keys sled
-            // keeps pages and memory for.
-            let creates_record = applied && stored_record.is_none();
-            let entry_key = if creates_record {
-                record_key.clone()
-            } else {
-                history_key(&subject, &order)
-            };
-            mine.remember(event, subject, &entry_key);
-            if applied {
-                if matches!(event.subject, crate::event::Subject::Account { .. }) {
-                    mine.suppressed_accounts +=
-                        i64::from(record.suppressed()) - i64::from(was_suppressed);
-                }
-                let first_event = match &stored_record {
-                    None => Some(inline_entry(&order, &stored)),
-                    Some(bytes) => record::first_event(bytes)?.map(<[u8]>::to_vec),
-                };
-                mine.put(record_key, record.encode(first_event.as_deref()));
-            }
-            if !creates_record {
-                mine.put(entry_key, stored);
-            }
-            outcomes.push(if applied {
-                Outcome::Applied
-            } else {
-                Outcome::Recorded
-            });
-        }
-        pending.absorb(mine);
-        Ok(outcomes)
-    }
-}
-
 struct Syncer {
-    applier: Applier,
-    database: Arc<Slot>,
-    /// The database generation this stage has recovered into; applies to older ones are void.
-    generation: u64,
-    wal: Wal,
+    planner: Planner,
+    views: Views,
+    slot: Arc<Slot>,
+    /// `None` while being reopened.
+    log: Option<Log>,
+    /// How far sled is, as last written.
+    stamp: Stamp,
     config: StoreConfig,
     metrics: Arc<Metrics>,
-    last_checkpoint: Instant,
-    /// Set after a failure: memory may hold unacknowledged writes that a "duplicate" answer
-    /// would vouch for, so only a full checkpoint (or a reopen) may acknowledge again.
-    must_checkpoint: bool,
+    shared: Arc<Shared>,
+    /// `false` after a failure, until the store is reopened.
+    healthy: bool,
     last_reopen: Option<Instant>,
     /// Whether "waiting for the data directory to take writes" was already logged.
     told_waiting: bool,
-    sync_failures: FailureRun,
-}
-
-/// How the requests of a batch stand once the syncer is done with it.
-enum Durability {
-    /// Their writes are durable: answer as computed.
-    Durable,
-    /// The database was reopened: their writes went to the one that was closed.
-    Reopened,
+    failures: FailureRun,
+    snapshots: Snapshotter,
 }
 
 impl Syncer {
-    fn run(mut self, applied: std::sync::mpsc::Receiver<Applied>) {
-        while let Ok(first) = applied.recv() {
-            let mut waiting = Applied::default();
-            for batch in std::iter::once(first).chain(applied.try_iter()) {
-                self.must_checkpoint |= batch.write_failed;
-                if batch.generation.is_some_and(|g| g != self.generation) {
-                    answer(batch.replies, Durability::Reopened);
+    fn run(mut self, batches: std::sync::mpsc::Receiver<Batch>) {
+        loop {
+            let first = match batches.recv_timeout(HOUSEKEEPING) {
+                Ok(first) => first,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    self.housekeeping();
                     continue;
                 }
-                waiting.events.extend(batch.events);
-                waiting.replies.extend(batch.replies);
-            }
-            // When every request already failed to apply, a failed sync costs nobody anything
-            // and was counted and logged as a write failure.
-            let at_stake = waiting.replies.iter().any(|(_, result)| result.is_ok());
-            let started = Instant::now();
-            let durable = self.make_durable(&waiting.events);
-            if at_stake || durable.is_ok() {
-                self.metrics.store_flushed(
-                    started.elapsed(),
-                    waiting.replies.len(),
-                    durable.is_ok(),
-                );
-            }
-            match durable {
-                Ok(durability) => {
-                    self.sync_failures.ended("store syncs");
-                    answer(waiting.replies, durability);
-                }
-                Err(e) => {
-                    self.must_checkpoint = true;
-                    if at_stake {
-                        self.sync_failures
-                            .failed("store sync", waiting.replies.len(), &e);
-                    }
-                    for (reply, _) in waiting.replies {
-                        let error = std::io::Error::new(e.kind(), e.to_string());
-                        let _ = reply.send(Err(StoreError::Sync(error)));
-                    }
-                }
-            }
-            let due = self.wal.len() >= CHECKPOINT_BYTES
-                || (self.wal.len() > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
-            if due && !self.must_checkpoint {
-                if let Err(e) = self.checkpoint() {
-                    tracing::error!("checkpoint failed, the WAL is kept: {e}");
-                }
-            }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let waiting: Vec<Batch> = std::iter::once(first).chain(batches.try_iter()).collect();
+            self.handle(waiting);
+            self.housekeeping();
         }
-        if let Err(e) = self.checkpoint() {
-            tracing::error!("checkpoint at shutdown failed, the WAL is kept for replay: {e}");
-        }
+        self.shut_down();
     }
 
-    fn make_durable(&mut self, events: &[Event]) -> std::io::Result<Durability> {
-        if self.must_checkpoint {
-            let checkpointed = self.checkpoint();
-            if checkpointed.is_ok() {
-                self.must_checkpoint = false;
-                return Ok(Durability::Durable);
-            }
-            let due = self
-                .last_reopen
-                .is_none_or(|last| last.elapsed() >= REOPEN_RETRY);
-            if !due {
-                return checkpointed.map(|()| Durability::Durable);
-            }
-            self.reopen().map_err(std::io::Error::other)?;
-            self.must_checkpoint = false;
-            return Ok(Durability::Reopened);
+    fn handle(&mut self, batches: Vec<Batch>) {
+        let last_id = batches.last().map_or(0, |b| b.id);
+        if !self.healthy {
+            self.reopen_if_due();
         }
-        if events.is_empty() {
-            return Ok(Durability::Durable);
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let mut good = Vec::new();
+        for batch in batches {
+            if !batch.planned {
+                answer(batch, None);
+            } else if !self.healthy || batch.epoch != epoch {
+                refuse(batch, || StoreError::Reopened);
+            } else {
+                good.push(batch);
+            }
         }
-        let events: Vec<&Event> = events.iter().collect();
-        self.wal.append(&events)?;
-        Ok(Durability::Durable)
+        if !good.is_empty() {
+            self.write(good);
+        }
+        self.shared.done.store(last_id, Ordering::Release);
     }
 
-    /// Makes sled's state durable on its own, then empties the WAL.
-    fn checkpoint(&mut self) -> std::io::Result<()> {
+    /// Appends the batches' events to the log, writes their plans to sled, and answers them.
+    fn write(&mut self, batches: Vec<Batch>) {
         let started = Instant::now();
-        let wal_bytes = self.wal.len();
-        self.database
-            .get()
-            .map_err(std::io::Error::other)?
-            .make_durable()?;
-        self.wal.clear()?;
-        self.last_checkpoint = Instant::now();
-        tracing::debug!(
-            wal_bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "checkpoint"
-        );
-        Ok(())
+        let plans: Vec<&Plan> = batches.iter().map(|b| &*b.plan).collect();
+        let events: Vec<&Event> = plans.iter().flat_map(|p| p.events.iter()).collect();
+        let requests: usize = batches.iter().map(|b| b.replies.len()).sum();
+        let at_stake = batches
+            .iter()
+            .any(|b| b.replies.iter().any(|(_, r)| r.is_ok()));
+        let (first_seq, next_seq) = match (plans.first(), plans.last()) {
+            (Some(first), Some(last)) => (first.first_seq, last.next_seq()),
+            _ => return,
+        };
+        let appended = match self.log.as_mut() {
+            Some(log) if log.next_seq() != first_seq => Err(std::io::Error::other(format!(
+                "planned events start at {first_seq} but the log is at {}",
+                log.next_seq()
+            ))),
+            Some(log) => log.append(&events),
+            None => Err(std::io::Error::other("the log is being reopened")),
+        };
+        if let Err(e) = appended {
+            self.failed("log append", requests, at_stake, &e);
+            for batch in batches {
+                let error = std::io::Error::new(e.kind(), e.to_string());
+                refuse(batch, || {
+                    StoreError::Sync(std::io::Error::new(error.kind(), error.to_string()))
+                });
+            }
+            return;
+        }
+        let written = self.slot.get().and_then(|database| {
+            if plans.iter().all(|p| p.is_empty()) {
+                return Ok(());
+            }
+            apply::write(
+                &database.tree,
+                &self.views,
+                &plans,
+                &mut self.stamp,
+                next_seq - 1,
+            )
+            .map_err(StoreError::from)
+        });
+        if let Err(e) = written {
+            // The events are in the log, so a retry finds them once the reopen replays it.
+            self.failed("database write", requests, at_stake, &e);
+            for batch in batches {
+                refuse(batch, || StoreError::Unavailable(e.to_string()));
+            }
+            return;
+        }
+        self.failures.ended("store writes");
+        self.metrics
+            .store_flushed(started.elapsed(), requests, true);
+        self.snapshots.appended(events.len() as u64);
+        for batch in batches {
+            answer(batch, Some(next_seq));
+        }
     }
 
-    /// Closes the failed database and opens it again, recovering it as a start would, once the
-    /// data directory takes writes.
-    fn reopen(&mut self) -> Result<(), StoreError> {
+    fn failed(&mut self, what: &str, requests: usize, at_stake: bool, error: &dyn std::fmt::Display) {
+        self.healthy = false;
+        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        self.metrics.store_write_failed();
+        if at_stake {
+            self.failures.failed(what, requests, error);
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if !self.healthy {
+            return;
+        }
+        let (Some(log), Ok(database)) = (self.log.as_mut(), self.slot.get()) else {
+            return;
+        };
+        self.snapshots
+            .tend(&database, log, self.stamp.applied + 1, &self.metrics);
+    }
+
+    /// Closes the store and opens it again as a start would, once the data directory takes
+    /// writes.
+    fn reopen_if_due(&mut self) {
+        if self
+            .last_reopen
+            .is_some_and(|last| last.elapsed() < REOPEN_RETRY)
+        {
+            return;
+        }
         self.last_reopen = Some(Instant::now());
         if let Err(e) = probe_writable(&self.config.dir) {
             if !self.told_waiting {
                 tracing::warn!(
-                    "the data directory does not take writes yet ({e}); the database is reopened once it does"
+                    "the data directory does not take writes yet ({e}); the store is reopened once it does"
                 );
                 self.told_waiting = true;
             }
-            return Err(StoreError::Sync(e));
+            return;
         }
         self.told_waiting = false;
         tracing::warn!("reopening the database to recover from the storage failure");
         let started = Instant::now();
-        drop(self.database.take(READERS_PATIENCE).inspect_err(|e| {
-            tracing::warn!("reopening the database is put off: {e}");
-        })?);
-        let generation = self.generation + 1;
-        let deadline = Instant::now() + LOCK_PATIENCE;
-        let recovered = loop {
-            match super::recover(&self.config, generation, &self.applier) {
-                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                other => break other,
+        self.snapshots.abandon();
+        match self.slot.take(READERS_PATIENCE) {
+            Ok(database) => drop(database),
+            Err(e) => {
+                tracing::warn!("reopening the store is put off: {e}");
+                return;
             }
-        };
-        match recovered {
-            Ok((database, wal)) => {
-                self.wal = wal;
-                self.generation = generation;
-                self.last_checkpoint = Instant::now();
-                self.database.install(database);
+        }
+        self.log = None;
+        match recovery::open(&self.config, &self.planner, &self.views, &self.metrics) {
+            Ok(opened) => {
+                let next_seq = opened.log.next_seq();
+                self.snapshots = Snapshotter::new(&self.config, opened.snapshot_seq, next_seq);
+                self.log = Some(opened.log);
+                self.stamp = opened.stamp;
+                // Published before the database is back, so that the committer, which waits
+                // for the database, plans from the log's real end.
+                self.shared.durable_next.store(next_seq, Ordering::Release);
+                self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+                self.slot.install(opened.database);
+                self.healthy = true;
                 self.metrics.store_reopened();
                 tracing::warn!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "database reopened; writes are accepted again"
                 );
-                Ok(())
             }
             Err(e) => {
                 tracing::error!("reopening the database failed: {e}");
-                self.database.fail(e.to_string());
-                Err(e)
+                self.slot.fail(e.to_string());
             }
         }
+    }
+
+    /// Makes sled durable on its own so that the next start replays nothing.
+    fn shut_down(&mut self) {
+        self.snapshots.abandon();
+        if !self.healthy {
+            return;
+        }
+        if let Ok(database) = self.slot.get() {
+            if let Err(e) = database.make_durable() {
+                tracing::error!("flushing the database at shutdown failed; the next start replays the log: {e}");
+            }
+        }
+    }
+}
+
+/// Sends each request of a written (or unplanned) batch its answer, and each barrier the
+/// sequence below which everything is in sled.
+fn answer(batch: Batch, applied_below: Option<u64>) {
+    for (reply, result) in batch.replies {
+        // The requester may have gone away (client disconnected); its events are durable all
+        // the same.
+        let _ = reply.send(result);
+    }
+    for barrier in batch.barriers {
+        let _ = barrier.send(applied_below);
+    }
+}
+
+/// Answers every request of a batch that was not written with `error` (errors of its own stay).
+fn refuse(batch: Batch, error: impl Fn() -> StoreError) {
+    for (reply, result) in batch.replies {
+        let _ = reply.send(result.and_then(|_| Err(error())));
+    }
+    for barrier in batch.barriers {
+        let _ = barrier.send(None);
     }
 }
 
@@ -554,19 +497,6 @@ impl FailureRun {
     }
 }
 
-/// Sends each request its answer; after a reopen, what would have succeeded is refused.
-fn answer(replies: Vec<(Reply, Result<Vec<Outcome>, StoreError>)>, durability: Durability) {
-    for (reply, result) in replies {
-        let result = match durability {
-            Durability::Durable => result,
-            Durability::Reopened => result.and(Err(StoreError::Reopened)),
-        };
-        // The requester may have gone away (client disconnected); its events are durable all
-        // the same.
-        let _ = reply.send(result);
-    }
-}
-
 /// Whether the data directory has room and takes a synced write again.
 fn probe_writable(dir: &Path) -> std::io::Result<()> {
     let free = fs2::available_space(dir)?;
@@ -583,84 +513,4 @@ fn probe_writable(dir: &Path) -> std::io::Result<()> {
     });
     let _ = std::fs::remove_file(&probe);
     written
-}
-
-/// The one field of a stored history entry that deduplication reads.
-#[derive(serde::Deserialize)]
-struct KeyOfStoredEvent {
-    idempotency_key: String,
-}
-
-/// Writes computed but not yet applied: later requests of a batch read through them.
-#[derive(Default)]
-struct Pending {
-    writes: HashMap<Vec<u8>, Vec<u8>>,
-    /// (subject key, idempotency key) of the events with minted keys among `writes`, whose
-    /// history entries a scan of the tree would not find yet.
-    minted: HashSet<(Vec<u8>, String)>,
-    /// Change in the number of suppressed accounts once these writes apply.
-    suppressed_accounts: i64,
-}
-
-impl Pending {
-    /// The value of `key` as it will be after everything planned so far.
-    fn get(
-        &self,
-        key: &[u8],
-        batch: &Pending,
-        tree: &sled::Tree,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(value) = self.writes.get(key).or_else(|| batch.writes.get(key)) {
-            return Ok(Some(value.clone()));
-        }
-        Ok(tree.get(key)?.map(|v| v.to_vec()))
-    }
-
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.writes.insert(key, value);
-    }
-
-    /// Whether `event`'s idempotency key was recorded before, by an earlier batch or earlier in
-    /// this one. A key suppressd minted is looked for in the subject's history (see
-    /// [`is_minted_idempotency_key`]); any other has a key of its own.
-    fn has_seen(
-        &self,
-        event: &Event,
-        subject: &[u8],
-        record: Option<&[u8]>,
-        batch: &Pending,
-        tree: &sled::Tree,
-    ) -> Result<bool, StoreError> {
-        let key = &event.idempotency_key;
-        if !is_minted_idempotency_key(key) {
-            return Ok(self.get(&seen_key(key), batch, tree)?.is_some());
-        }
-        let planned = (subject.to_vec(), key.clone());
-        if self.minted.contains(&planned) || batch.minted.contains(&planned) {
-            return Ok(true);
-        }
-        for stored in history_entries::<KeyOfStoredEvent>(tree, subject, record)? {
-            if stored?.1.idempotency_key == *key {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// Plans what makes [`Pending::has_seen`] find `event` from now on; `entry_key` is where its
-    /// history entry is stored.
-    fn remember(&mut self, event: &Event, subject: Vec<u8>, entry_key: &[u8]) {
-        let key = &event.idempotency_key;
-        if is_minted_idempotency_key(key) {
-            self.minted.insert((subject, key.clone()));
-        } else {
-            self.put(seen_key(key), entry_key.to_vec());
-        }
-    }
-
-    fn absorb(&mut self, other: Pending) {
-        self.writes.extend(other.writes);
-        self.minted.extend(other.minted);
-        self.suppressed_accounts += other.suppressed_accounts;
-    }
 }

@@ -4,12 +4,9 @@
 //! reopened: its error is sticky. Without reopening, a disk that filled up and was then cleared
 //! would leave the service answering 500 to every delivery until someone restarted it. So the
 //! handles live in a [`Slot`]: the syncer empties it, waits for every reader to let go, opens the
-//! database again and recovers it exactly as a start does (WAL replay, checkpoint, in-memory
-//! views rebuilt), and puts the new one in. Nobody holds a [`Database`] for longer than one
-//! operation, except an export's snapshot, which a reopen waits for.
-//!
-//! Each opening has a generation number; work the committer applied to an earlier generation
-//! died with it and is never acknowledged.
+//! database again and recovers it exactly as a start does (see [`super::recovery`]), and puts
+//! the new one in. Nobody holds a [`Database`] for longer than one operation, except an export
+//! or a snapshot being written, which a reopen waits for.
 
 use std::fs::File;
 use std::path::Path;
@@ -24,13 +21,11 @@ pub(super) struct Database {
     pub tree: sled::Tree,
     /// sled's log file; its flush only does `sync_file_range`, so we fsync it ourselves.
     log_file: File,
-    /// Which opening this is, counting from 0 at start.
-    pub generation: u64,
 }
 
 impl Database {
     /// Opens sled in `dir` (the store's `db/` directory).
-    pub fn open(dir: &Path, cache_bytes: u64, generation: u64) -> Result<Database, StoreError> {
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Database, StoreError> {
         let db = open_sled(dir, cache_bytes)?;
         let tree = db
             .open_tree("suppressions")
@@ -39,12 +34,7 @@ impl Database {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(Database {
-            db,
-            tree,
-            log_file,
-            generation,
-        })
+        Ok(Database { db, tree, log_file })
     }
 
     /// Makes everything applied so far durable on sled's own: flush, then fsync its log.
@@ -68,9 +58,10 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    pub fn new(database: Database) -> Slot {
+    /// A slot whose database is still being opened.
+    pub fn empty() -> Slot {
         Slot {
-            state: RwLock::new(State::Open(Arc::new(database))),
+            state: RwLock::new(State::Reopening),
         }
     }
 
@@ -113,13 +104,6 @@ impl Slot {
                 }
                 other => return other,
             }
-        }
-    }
-
-    pub fn generation(&self) -> Option<u64> {
-        match &*self.state() {
-            State::Open(database) => Some(database.generation),
-            _ => None,
         }
     }
 
@@ -233,7 +217,8 @@ mod tests {
     #[test]
     fn a_reopen_waits_for_readers_and_then_finds_the_files_unlocked() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let slot = Slot::new(Database::open(dir.path(), 1 << 20, 0).expect("open"));
+        let slot = Slot::empty();
+        slot.install(Database::open(dir.path(), 1 << 20).expect("open"));
         let reader = slot.get().expect("open");
 
         let refused = slot.take(Duration::from_millis(50));
@@ -253,7 +238,7 @@ mod tests {
         // As in the syncer's reopen: sled's threads let go of the lock shortly after.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let reopened = loop {
-            match Database::open(dir.path(), 1 << 20, 1) {
+            match Database::open(dir.path(), 1 << 20) {
                 Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -261,6 +246,6 @@ mod tests {
             }
         };
         slot.install(reopened);
-        assert_eq!(slot.generation(), Some(1));
+        assert!(slot.is_open());
     }
 }

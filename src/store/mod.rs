@@ -23,15 +23,23 @@
 //! `fdatasync` of the write-ahead log ([`wal`]) before answering any request in it (group
 //! commit). That is what lets webhooks promise "no 2xx before durable".
 
+mod apply;
+mod codec;
 mod committer;
 mod database;
+mod files;
+mod history;
 mod index;
+mod keys;
+mod legacy_wal;
+mod log;
 pub mod record;
-mod wal;
+mod recovery;
+mod snapshot;
+mod snapshotter;
 
-use std::iter::Peekable;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +48,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{Event, Subject};
 use crate::metrics::Metrics;
+pub use files::FileError;
+pub use keys::{subject_from_key, subject_key};
 pub use record::{Reason, Record, Rules, Status};
+pub use snapshotter::SnapshotPolicy;
+
+use apply::{Planner, Views};
+use history::{history_entries, Histories};
+use keys::{record_key, tagged, EntryOrder, RECORD};
 
 /// What a committed event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,7 +82,7 @@ pub struct StoredEvent {
 pub enum StoreError {
     #[error("database at {path} is locked by another process; stop the other suppressd using this --data-dir or choose another one")]
     Locked { path: PathBuf },
-    #[error("database at {path} is corrupt ({detail}); restore the data directory from a backup, or move it aside to start empty")]
+    #[error("{path} is corrupt ({detail}); restore the data directory from a backup")]
     Corrupt { path: PathBuf, detail: String },
     #[error("cannot open database at {path}: {source}; check that the directory exists and is writable by this user")]
     Open {
@@ -92,96 +107,32 @@ pub enum StoreError {
     Reopened,
 }
 
-impl StoreError {
-    /// Damage that sled's own open let through and the replay or the index rebuild then read is
-    /// the database's corruption, and the operator is told so, with what to do.
-    fn found_at_open(self, path: &Path) -> StoreError {
-        match self {
-            StoreError::Sled(sled::Error::Corruption { .. })
-            | StoreError::CorruptRecord(_)
-            | StoreError::CorruptHistory(_) => StoreError::Corrupt {
-                path: path.to_path_buf(),
-                detail: self.to_string(),
+impl From<FileError> for StoreError {
+    fn from(error: FileError) -> StoreError {
+        match error {
+            FileError::Corrupt { file, offset, detail } => StoreError::Corrupt {
+                path: file,
+                detail: format!("at byte {offset}: {detail}"),
             },
-            other => other,
+            FileError::Io { path, source } => StoreError::Open { path, source },
         }
     }
 }
 
-/// An iterator over `(subject, events in arrival order)` of a consistent snapshot.
+/// Every subject's history as it stood at one instant, subject by subject in key order.
 pub struct Snapshot {
-    /// Records, for the first history entry each carries.
-    records: Peekable<sled::Iter>,
-    /// History entries under keys of their own.
-    history: Peekable<sled::Iter>,
-    /// Held so that a reopen waits for the snapshot instead of finding sled's files locked.
-    _database: Arc<database::Database>,
-    high_water: u64,
+    histories: Histories,
 }
 
 impl Iterator for Snapshot {
     type Item = Result<(Subject, Vec<StoredEvent>), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            match self.next_subject() {
-                // Everything it has arrived after the snapshot's instant.
-                Ok(Some((_, events))) if events.is_empty() => continue,
-                other => return other.transpose(),
-            }
-        }
+        let next = self.histories.next()?;
+        Some(next.map(|(subject, events)| {
+            (subject, events.into_iter().map(|(_, event)| event).collect())
+        }))
     }
-}
-
-impl Snapshot {
-    /// The next subject in key order, from whichever scan is at it, and its entries from both.
-    fn next_subject(&mut self) -> Result<Option<(Subject, Vec<StoredEvent>)>, StoreError> {
-        let at_record = peek_key(&mut self.records)?.map(|key| key[1..].to_vec());
-        let at_history = match peek_key(&mut self.history)? {
-            Some(key) => Some(subject_of_history_key(key)?.to_vec()),
-            None => None,
-        };
-        let Some(key) = at_record.iter().chain(&at_history).min().cloned() else {
-            return Ok(None);
-        };
-        let mut entries: Vec<(EntryOrder, StoredEvent)> = Vec::new();
-        if at_record.as_ref() == Some(&key) {
-            if let Some(Ok((_, value))) = self.records.next() {
-                entries.extend(carried_entry(&value)?);
-            }
-        }
-        while peek_key(&mut self.history)?
-            .map(subject_of_history_key)
-            .transpose()?
-            == Some(&key[..])
-        {
-            if let Some(Ok((stored_key, value))) = self.history.next() {
-                entries.push((order_of_history_key(&stored_key)?, parse_entry(&value)?));
-            }
-        }
-        let Some(subject) = subject_from_key(&key) else {
-            return Err(StoreError::CorruptRecord(record::CorruptRecord::key(&key)));
-        };
-        entries.retain(|(order, _)| sequence_of(order) < self.high_water);
-        entries.sort_by_key(|(order, _)| sequence_of(order));
-        Ok(Some((
-            subject,
-            entries.into_iter().map(|(_, event)| event).collect(),
-        )))
-    }
-}
-
-/// The key a scan is at, or the error it is at (which is taken from it).
-fn peek_key(entries: &mut Peekable<sled::Iter>) -> Result<Option<&[u8]>, StoreError> {
-    if let Some(Err(_)) = entries.peek() {
-        if let Some(Err(e)) = entries.next() {
-            return Err(e.into());
-        }
-    }
-    Ok(match entries.peek() {
-        Some(Ok((key, _))) => Some(key),
-        _ => None,
-    })
 }
 
 /// Which kind of subject a listing covers.
@@ -218,50 +169,60 @@ pub struct Page {
 /// Tunables that come from the command line.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// The data directory: sled lives in `db/`, the write-ahead log in `wal`.
+    /// The data directory: the log in `log/`, snapshots in `snapshots/`, sled in `db/`.
     pub dir: PathBuf,
     pub cache_bytes: u64,
     pub rules: Rules,
+    /// The size of one log segment file.
+    pub segment_bytes: u64,
+    pub snapshots: SnapshotPolicy,
+}
+
+impl StoreConfig {
+    /// The defaults for everything but where the data lives.
+    pub fn new(dir: PathBuf) -> StoreConfig {
+        StoreConfig {
+            dir,
+            cache_bytes: 256 * 1024 * 1024,
+            rules: Rules::default(),
+            segment_bytes: 64 * 1024 * 1024,
+            snapshots: SnapshotPolicy {
+                every_bytes: 256 * 1024 * 1024,
+                every_events: 1_000_000,
+                every: Duration::from_secs(3600),
+            },
+        }
+    }
 }
 
 /// The open database. Cheap to share behind an `Arc`.
 pub struct Store {
     database: Arc<database::Slot>,
-    phones: Arc<index::PhoneIndex>,
-    suppressed_accounts: Arc<AtomicI64>,
+    views: Views,
     committer: mpsc::Sender<committer::Job>,
     committer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
-
-/// Key-space tags within the tree.
-const RECORD: u8 = b'R';
-const HISTORY: u8 = b'H';
-const SEEN: u8 = b'I';
 
 /// How many requests may wait for the committer before senders are slowed down.
 const COMMIT_QUEUE: usize = 4096;
 
 impl Store {
-    /// Opens (or creates) the database under `config.dir`, replays the write-ahead log, and
-    /// starts the committer.
+    /// Opens (or creates) the store under `config.dir` (see [`recovery`]: nothing is served
+    /// before sled agrees with the log) and starts the committer.
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
-        let applier = committer::Applier {
+        let planner = Planner {
             rules: config.rules,
-            phones: Arc::new(index::PhoneIndex::new()),
-            suppressed_accounts: Arc::new(AtomicI64::new(0)),
         };
-        let (database, wal) = recover(config, 0, &applier)?;
-        let database = Arc::new(database::Slot::new(database));
-        let (phones, suppressed_accounts) =
-            (applier.phones.clone(), applier.suppressed_accounts.clone());
+        let views = Views::new();
+        let opened = recovery::open(config, &planner, &views, &metrics)?;
+        let database = Arc::new(database::Slot::empty());
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
         let thread = committer::spawn(
-            committer::Pipeline {
-                applier,
-                database: database.clone(),
-                wal,
-                config: config.clone(),
-            },
+            opened,
+            planner,
+            views.clone(),
+            database.clone(),
+            config.clone(),
             receiver,
             metrics,
         )
@@ -271,8 +232,7 @@ impl Store {
         })?;
         Ok(Store {
             database,
-            phones,
-            suppressed_accounts,
+            views,
             committer: sender,
             committer_thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -310,24 +270,25 @@ impl Store {
 
     /// Every subject's history as it stood at one instant, subject by subject in key order.
     /// Writes go on meanwhile: the committer names a sequence number below which everything is
-    /// applied, and events with later numbers are left out.
+    /// in sled, and events with later numbers are left out.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let below = self.barrier().await?;
+        Ok(Snapshot {
+            histories: Histories::new(self.database.get()?, below),
+        })
+    }
+
+    /// The sequence number below which every event is in sled, once it is.
+    async fn barrier(&self) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.committer
             .send(committer::Job::Barrier(reply))
             .await
             .map_err(|_| StoreError::Closed)?;
-        let high_water = answer.await.map_err(|_| StoreError::Closed)?;
-        let database = self.database.get()?;
-        let high_water = high_water.ok_or_else(|| {
-            StoreError::Unavailable("the database could not number the snapshot".into())
-        })?;
-        Ok(Snapshot {
-            records: database.tree.scan_prefix([RECORD]).peekable(),
-            history: database.tree.scan_prefix([HISTORY]).peekable(),
-            _database: database,
-            high_water,
-        })
+        answer
+            .await
+            .map_err(|_| StoreError::Closed)?
+            .ok_or_else(|| StoreError::Unavailable("the store is down after a storage failure".into()))
     }
 
     /// A subject's stored record bytes (see [`record::reasons_json`]), `None` if never seen.
@@ -356,7 +317,7 @@ impl Store {
     /// the in-memory index.
     pub fn phone_status(&self, phone: &str) -> Result<Status, StoreError> {
         match crate::phone::e164_digits(phone) {
-            Some(number) => Ok(self.phones.status(number)),
+            Some(number) => Ok(self.views.phones.status(number)),
             None => self.status(&Subject::Phone {
                 phone: phone.to_owned(),
             }),
@@ -434,8 +395,8 @@ impl Store {
 
     /// How many phones and accounts are suppressed now.
     pub fn suppressed_counts(&self) -> (u64, u64) {
-        let accounts = self.suppressed_accounts.load(Ordering::Relaxed).max(0);
-        (self.phones.len() as u64, accounts.unsigned_abs())
+        let accounts = self.views.suppressed_accounts.load(Ordering::Relaxed).max(0);
+        (self.views.phones.len() as u64, accounts.unsigned_abs())
     }
 
     /// Bytes the database occupies on disk.
@@ -469,296 +430,16 @@ impl Store {
     }
 }
 
-/// Opens the database and brings it up to date, as at start and after a storage failure: sled
-/// recovers its own log, the WAL's records are replayed (idempotently) and checkpointed, and the
-/// in-memory views are rebuilt from the records. Returns the database and the emptied WAL.
-/// Damage found on the way is reported as the database's corruption, at a start and at a reopen
-/// alike.
-fn recover(
-    config: &StoreConfig,
-    generation: u64,
-    applier: &committer::Applier,
-) -> Result<(database::Database, wal::Wal), StoreError> {
-    open_and_catch_up(config, generation, applier)
-        .map_err(|e| e.found_at_open(&config.dir.join("db")))
-}
-
-fn open_and_catch_up(
-    config: &StoreConfig,
-    generation: u64,
-    applier: &committer::Applier,
-) -> Result<(database::Database, wal::Wal), StoreError> {
-    let open_error = |source| StoreError::Open {
-        path: config.dir.clone(),
-        source,
-    };
-    let sled_dir = config.dir.join("db");
-    let wal_path = config.dir.join("wal");
-    // sled starts a new, empty database wherever its log file is missing. The WAL is created
-    // right after the database, so a data directory that has one has had a database: starting
-    // it empty would silently forget every suppression.
-    if wal_path.exists() && !sled_dir.join("db").exists() {
-        return Err(StoreError::Corrupt {
-            path: sled_dir.clone(),
-            detail: format!(
-                "its log file {} is missing, but {} shows this data directory held a database",
-                sled_dir.join("db").display(),
-                wal_path.display()
-            ),
-        });
-    }
-    std::fs::create_dir_all(&sled_dir).map_err(open_error)?;
-    let database = database::Database::open(&sled_dir, config.cache_bytes, generation)?;
-    let recovered = wal::Wal::open(&wal_path).map_err(open_error)?;
-    let mut wal = recovered.wal;
-    if recovered.discarded > 0 {
-        tracing::warn!(
-            bytes = recovered.discarded,
-            "the write-ahead log ended in a torn record (a crash during a write that was never acknowledged); it was cut off"
-        );
-    }
-    if !recovered.batches.is_empty() {
-        for events in &recovered.batches {
-            applier.replay(&database, events)?;
-        }
-        database.make_durable()?;
-        wal.clear()?;
-        tracing::info!(
-            records = recovered.batches.len(),
-            "replayed the write-ahead log"
-        );
-    }
-    let started = std::time::Instant::now();
-    // One pass over every record rebuilds both in-memory views.
-    let mut phones = index::IndexBuilder::new();
-    let mut accounts = 0;
-    for entry in database.tree.scan_prefix([RECORD]) {
-        let (key, value) = entry?;
-        match phone_of_record_key(&key) {
-            Some(number) => phones.add(number, &value),
-            None => accounts += i64::from(record::decode_status(&value)?.suppressed),
-        }
-    }
-    applier.phones.replace(phones.build());
-    applier
-        .suppressed_accounts
-        .store(accounts, Ordering::Relaxed);
-    tracing::info!(
-        suppressed_phones = applier.phones.len(),
-        suppressed_accounts = accounts,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "in-memory views built"
-    );
-    Ok((database, wal))
-}
-
-/// The key of a subject in every tree. Each part carries its length so that no subject's key is
-/// a prefix of another's, which keeps history prefix scans exact.
-pub fn subject_key(subject: &Subject) -> Vec<u8> {
-    match subject {
-        Subject::Phone { phone } => {
-            let mut key = Vec::with_capacity(phone.len() + 2);
-            key.push(b'p');
-            key.push(u8::try_from(phone.len()).unwrap_or(u8::MAX));
-            key.extend_from_slice(phone.as_bytes());
-            key
-        }
-        Subject::Account { scope, account } => {
-            let mut key = Vec::with_capacity(scope.len() + account.len() + 5);
-            key.push(b'a');
-            for part in [scope, account] {
-                // Parsers cap ids at MAX_ID_BYTES, far below u16::MAX.
-                let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
-                key.extend_from_slice(&len.to_be_bytes());
-                key.extend_from_slice(&part.as_bytes()[..usize::from(len)]);
-            }
-            key
-        }
-    }
-}
-
-fn tagged(tag: u8, rest: &[u8], capacity: usize) -> Vec<u8> {
-    let mut key = Vec::with_capacity(1 + rest.len() + capacity);
-    key.push(tag);
-    key.extend_from_slice(rest);
-    key
-}
-
-/// The number of a phone record's key (`R` ‖ `p` ‖ len ‖ E.164).
-fn phone_of_record_key(key: &[u8]) -> Option<u64> {
-    let phone = key.strip_prefix(&[RECORD, b'p'])?.get(1..)?;
-    crate::phone::e164_digits(std::str::from_utf8(phone).ok()?)
-}
-
-fn record_key(subject_key: &[u8]) -> Vec<u8> {
-    tagged(RECORD, subject_key, 0)
-}
-
-fn seen_key(idempotency_key: &str) -> Vec<u8> {
-    tagged(SEEN, idempotency_key.as_bytes(), 0)
-}
-
-fn history_prefix(subject_key: &[u8]) -> Vec<u8> {
-    tagged(HISTORY, subject_key, 0)
-}
-
-/// The subject a subject key encodes; the inverse of [`subject_key`].
-pub fn subject_from_key(key: &[u8]) -> Option<Subject> {
-    match key.split_first()? {
-        (b'p', rest) => {
-            let (&len, phone) = rest.split_first()?;
-            (phone.len() == usize::from(len)).then_some(())?;
-            Some(Subject::Phone {
-                phone: String::from_utf8(phone.to_vec()).ok()?,
-            })
-        }
-        (b'a', rest) => {
-            let (scope, rest) = length_prefixed(rest)?;
-            let (account, rest) = length_prefixed(rest)?;
-            rest.is_empty()
-                .then_some(Subject::Account { scope, account })
-        }
-        _ => None,
-    }
-}
-
-fn length_prefixed(bytes: &[u8]) -> Option<(String, &[u8])> {
-    let len = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
-    let part = bytes.get(2..2 + len)?;
-    Some((String::from_utf8(part.to_vec()).ok()?, &bytes[2 + len..]))
-}
-
-/// Where a history entry sorts within its subject: event time (order-preserving) ‖ sequence.
-/// The sequence keeps events of the same millisecond in arrival order.
-type EntryOrder = [u8; 16];
-
-fn entry_order(event_time_ms: i64, sequence: u64) -> EntryOrder {
-    let mut order = [0; 16];
-    // Flipping the sign bit makes the big-endian bytes of an i64 sort like the number.
-    order[..8].copy_from_slice(&((event_time_ms as u64) ^ (1 << 63)).to_be_bytes());
-    order[8..].copy_from_slice(&sequence.to_be_bytes());
-    order
-}
-
-fn sequence_of(order: &EntryOrder) -> u64 {
-    let mut sequence = [0; 8];
-    sequence.copy_from_slice(&order[8..]);
-    u64::from_be_bytes(sequence)
-}
-
-fn history_key(subject_key: &[u8], order: &EntryOrder) -> Vec<u8> {
-    let mut key = tagged(HISTORY, subject_key, order.len());
-    key.extend_from_slice(order);
-    key
-}
-
-fn subject_of_history_key(key: &[u8]) -> Result<&[u8], StoreError> {
-    key.len()
-        .checked_sub(std::mem::size_of::<EntryOrder>())
-        .and_then(|end| key.get(1..end))
-        .ok_or_else(|| StoreError::CorruptRecord(record::CorruptRecord::key(key)))
-}
-
-fn order_of_history_key(key: &[u8]) -> Result<EntryOrder, StoreError> {
-    key.last_chunk::<16>()
-        .copied()
-        .ok_or_else(|| StoreError::CorruptRecord(record::CorruptRecord::key(key)))
-}
-
-/// A subject's first history entry as its record carries it: its order, then its JSON.
-fn inline_entry(order: &EntryOrder, json: &[u8]) -> Vec<u8> {
-    let mut entry = Vec::with_capacity(order.len() + json.len());
-    entry.extend_from_slice(order);
-    entry.extend_from_slice(json);
-    entry
-}
-
-fn split_inline_entry(entry: &[u8]) -> Result<(EntryOrder, &[u8]), StoreError> {
-    let (order, json) = entry
-        .split_first_chunk::<16>()
-        .ok_or_else(|| StoreError::CorruptRecord(record::CorruptRecord::key(entry)))?;
-    Ok((*order, json))
-}
-
-fn parse_entry<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(json).map_err(StoreError::CorruptHistory)
-}
-
-/// A subject's history entries, each read as `T` (the whole [`StoredEvent`], or only the fields
-/// a caller needs) with the order it sorts in: first the entry its stored `record` carries, then
-/// those under keys of their own, in order.
-fn history_entries<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
-    subject_key: &[u8],
-    record: Option<&[u8]>,
-) -> Result<impl Iterator<Item = Result<(EntryOrder, T), StoreError>>, StoreError> {
-    let carried = record.map(carried_entry).transpose()?.flatten();
-    let keyed = tree.scan_prefix(history_prefix(subject_key)).map(|entry| {
-        let (key, value) = entry?;
-        Ok((order_of_history_key(&key)?, parse_entry(&value)?))
-    });
-    Ok(carried.map(Ok).into_iter().chain(keyed))
-}
-
-/// The history entry a stored record carries, if any, read as `T` with its order.
-fn carried_entry<T: serde::de::DeserializeOwned>(
-    record: &[u8],
-) -> Result<Option<(EntryOrder, T)>, StoreError> {
-    let Some(entry) = record::first_event(record)? else {
-        return Ok(None);
-    };
-    let (order, json) = split_inline_entry(entry)?;
-    Ok(Some((order, parse_entry(json)?)))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::keys::{entry_order, history_key, HISTORY, SEEN};
     use super::*;
 
-    #[test]
-    fn subject_keys_are_prefix_free() {
-        let short = subject_key(&Subject::Phone {
-            phone: "+491234567".into(),
-        });
-        let long = subject_key(&Subject::Phone {
-            phone: "+4912345678".into(),
-        });
-        assert!(!long.starts_with(&short));
-    }
-
-    #[test]
-    fn subject_keys_decode_back() {
-        for subject in [
-            Subject::Phone {
-                phone: "+4930123456".into(),
-            },
-            Subject::Account {
-                scope: "tencent:@TOA#x".into(),
-                account: "jared".into(),
-            },
-        ] {
-            assert_eq!(subject_from_key(&subject_key(&subject)), Some(subject));
-        }
-        assert_eq!(subject_from_key(b"p\x05+49"), None);
-    }
-
-    #[test]
-    fn account_keys_are_prefix_free() {
-        let account = |scope: &str, account: &str| {
-            subject_key(&Subject::Account {
-                scope: scope.into(),
-                account: account.into(),
-            })
-        };
-        assert!(!account("tencent:a", "bc").starts_with(&account("tencent:a", "b")));
-        assert_ne!(account("tencent:ab", "c"), account("tencent:a", "bc"));
-    }
-
-    fn small_config(dir: &Path) -> StoreConfig {
+    fn small_config(dir: &std::path::Path) -> StoreConfig {
         StoreConfig {
-            dir: dir.to_path_buf(),
             cache_bytes: 1 << 20,
-            rules: Rules::default(),
+            segment_bytes: 1 << 20,
+            ..StoreConfig::new(dir.to_path_buf())
         }
     }
 
@@ -909,14 +590,4 @@ mod tests {
         store.close(Duration::from_secs(10)).await;
     }
 
-    #[test]
-    fn history_keys_sort_by_event_time() {
-        let subject = subject_key(&Subject::Phone {
-            phone: "+491234567".into(),
-        });
-        let early = history_key(&subject, &entry_order(-5, 9));
-        let later = history_key(&subject, &entry_order(3, 1));
-        let latest = history_key(&subject, &entry_order(3, 2));
-        assert!(early < later && later < latest);
-    }
 }

@@ -260,6 +260,8 @@ impl Server {
         let mut child = command
             .args(&self.args)
             .env("RUST_LOG", "info")
+            // Small segments, so that the small file systems of the storage tests hold the log.
+            .env("SUPPRESSD_LOG_SEGMENT_MB", "4")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

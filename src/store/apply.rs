@@ -1,0 +1,456 @@
+//! The planner: what an event does to the tree, computed without writing anything, and the one
+//! function that writes a plan to sled.
+//!
+//! A record is a replay of its subject's history through [`Record::apply`], so the same planner
+//! serves three callers: the committer numbering new events, the catch-up that replays the log's
+//! tail into a tree that stopped short of it, and the rebuild that replays a snapshot and the log
+//! into an empty tree. Given the same events with the same sequence numbers it writes the same
+//! keys and values, which is what makes sled a view that can always be rebuilt.
+//!
+//! Planning reads through every write planned but not yet in sled: earlier requests of the batch
+//! and batches still on their way to the log ([`View::in_flight`]), so a redelivery is recognised
+//! wherever its first delivery is.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use super::history::{history_entries, KeyOfStoredEvent};
+use super::index::PhoneIndex;
+use super::keys::{
+    entry_order, history_key, inline_entry, phone_of_record_key, record_key, seen_key,
+    stamp_key, subject_key, Stamp,
+};
+use super::record::{self, Record, Rules};
+use super::{Outcome, StoreError, StoredEvent};
+use crate::event::{is_minted_idempotency_key, Event, Subject};
+
+/// The writes of one batch, and the events they log, numbered from `first_seq`.
+#[derive(Default)]
+pub(super) struct Plan {
+    writes: HashMap<Vec<u8>, Vec<u8>>,
+    /// (subject key, idempotency key) of the planned events with minted keys, whose history
+    /// entries a scan of the tree would not find yet.
+    minted: HashSet<(Vec<u8>, String)>,
+    /// Change in the number of suppressed accounts once these writes apply.
+    suppressed_accounts: i64,
+    /// Records these writes create.
+    new_records: u64,
+    pub first_seq: u64,
+    /// The events that are new (duplicates are not logged), in sequence order.
+    pub events: Vec<Event>,
+}
+
+impl Plan {
+    pub fn starting_at(first_seq: u64) -> Plan {
+        Plan {
+            first_seq,
+            ..Plan::default()
+        }
+    }
+
+    /// The sequence number the next new event gets.
+    pub fn next_seq(&self) -> u64 {
+        self.first_seq + self.events.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    pub fn writes_len(&self) -> usize {
+        self.writes.len()
+    }
+
+    fn absorb(&mut self, other: Plan) {
+        self.writes.extend(other.writes);
+        self.minted.extend(other.minted);
+        self.suppressed_accounts += other.suppressed_accounts;
+        self.new_records += other.new_records;
+        self.events.extend(other.events);
+    }
+}
+
+/// The tree as it will be once every batch in flight is applied.
+pub(super) struct View<'a> {
+    pub tree: &'a sled::Tree,
+    /// Oldest first.
+    pub in_flight: &'a [Arc<Plan>],
+}
+
+impl View<'_> {
+    fn get(&self, key: &[u8], nearer: [&Plan; 2]) -> Result<Option<Vec<u8>>, StoreError> {
+        let planned = nearer
+            .into_iter()
+            .chain(self.in_flight.iter().rev().map(|p| &**p))
+            .find_map(|plan| plan.writes.get(key));
+        match planned {
+            Some(value) => Ok(Some(value.clone())),
+            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn minted(&self, planned: &(Vec<u8>, String), nearer: [&Plan; 2]) -> bool {
+        nearer
+            .into_iter()
+            .chain(self.in_flight.iter().map(|p| &**p))
+            .any(|plan| plan.minted.contains(planned))
+    }
+}
+
+/// The in-memory views kept beside the tree: the phone index and the suppressed-account count.
+#[derive(Clone)]
+pub(super) struct Views {
+    pub phones: Arc<PhoneIndex>,
+    pub suppressed_accounts: Arc<AtomicI64>,
+}
+
+impl Views {
+    pub fn new() -> Views {
+        Views {
+            phones: Arc::new(PhoneIndex::new()),
+            suppressed_accounts: Arc::new(AtomicI64::new(0)),
+        }
+    }
+}
+
+pub(super) struct Planner {
+    pub rules: Rules,
+}
+
+impl Planner {
+    /// Plans one request into `batch`, numbering its new events from `batch.next_seq()`. On
+    /// error `batch` is left as it was: the request contributes nothing.
+    pub fn plan(
+        &self,
+        view: &View,
+        batch: &mut Plan,
+        events: &[Event],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let mut mine = Plan::starting_at(batch.next_seq());
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            let seq = mine.next_seq();
+            outcomes.push(self.plan_event(view, batch, &mut mine, event, seq)?);
+        }
+        batch.absorb(mine);
+        Ok(outcomes)
+    }
+
+    /// Plans an event the log already numbered, as a catch-up or a rebuild replays it.
+    pub fn replay(
+        &self,
+        view: &View,
+        batch: &mut Plan,
+        seq: u64,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        let mut mine = Plan::starting_at(seq);
+        let outcome = self.plan_event(view, batch, &mut mine, event, seq)?;
+        if outcome == Outcome::Duplicate {
+            // The log holds only new events; an earlier one with the same key wins, as it did.
+            tracing::warn!(
+                seq,
+                key = %event.idempotency_key,
+                "a logged event repeats an earlier one's idempotency key; it is skipped"
+            );
+            return Ok(());
+        }
+        batch.writes.extend(mine.writes);
+        batch.minted.extend(mine.minted);
+        batch.suppressed_accounts += mine.suppressed_accounts;
+        batch.new_records += mine.new_records;
+        Ok(())
+    }
+
+    fn plan_event(
+        &self,
+        view: &View,
+        batch: &Plan,
+        mine: &mut Plan,
+        event: &Event,
+        seq: u64,
+    ) -> Result<Outcome, StoreError> {
+        let subject = subject_key(&event.subject);
+        let record_key = record_key(&subject);
+        let stored_record = view.get(&record_key, [mine, batch])?;
+        if has_seen(view, [mine, batch], event, &subject, stored_record.as_deref())? {
+            return Ok(Outcome::Duplicate);
+        }
+        let mut record = match &stored_record {
+            Some(bytes) => Record::decode(bytes)?,
+            None => Record::default(),
+        };
+        let was_suppressed = record.suppressed();
+        let applied = record.apply(event, &self.rules);
+        let order = entry_order(event.event_time_ms, seq);
+        let stored = StoredEvent {
+            event: event.clone(),
+            applied,
+        };
+        let stored = serde_json::to_vec(&stored).map_err(StoreError::CorruptHistory)?;
+        // The event that creates a record travels in it: most subjects (every imported number)
+        // never have another, and a key of their own would double the keys sled keeps pages and
+        // memory for.
+        let creates_record = applied && stored_record.is_none();
+        let entry_key = if creates_record {
+            record_key.clone()
+        } else {
+            history_key(&subject, &order)
+        };
+        remember(mine, event, subject, &entry_key);
+        if applied {
+            if matches!(event.subject, Subject::Account { .. }) {
+                mine.suppressed_accounts +=
+                    i64::from(record.suppressed()) - i64::from(was_suppressed);
+            }
+            let first_event = match &stored_record {
+                None => Some(inline_entry(&order, &stored)),
+                Some(bytes) => record::first_event(bytes)?.map(<[u8]>::to_vec),
+            };
+            mine.writes
+                .insert(record_key, record.encode(first_event.as_deref()));
+            mine.new_records += u64::from(creates_record);
+        }
+        if !creates_record {
+            mine.writes.insert(entry_key, stored);
+        }
+        mine.events.push(event.clone());
+        Ok(if applied {
+            Outcome::Applied
+        } else {
+            Outcome::Recorded
+        })
+    }
+}
+
+/// Whether `event`'s idempotency key was recorded before. A key suppressd minted is looked for
+/// in the subject's history (see [`is_minted_idempotency_key`]); any other has a key of its own.
+fn has_seen(
+    view: &View,
+    nearer: [&Plan; 2],
+    event: &Event,
+    subject: &[u8],
+    record: Option<&[u8]>,
+) -> Result<bool, StoreError> {
+    let key = &event.idempotency_key;
+    if !is_minted_idempotency_key(key) {
+        return Ok(view.get(&seen_key(key), nearer)?.is_some());
+    }
+    if view.minted(&(subject.to_vec(), key.clone()), nearer) {
+        return Ok(true);
+    }
+    for stored in history_entries::<KeyOfStoredEvent>(view.tree, subject, record)? {
+        if stored?.1.idempotency_key == *key {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Plans what makes [`has_seen`] find `event` from now on; `entry_key` is where its history
+/// entry is stored.
+fn remember(plan: &mut Plan, event: &Event, subject: Vec<u8>, entry_key: &[u8]) {
+    let key = &event.idempotency_key;
+    if is_minted_idempotency_key(key) {
+        plan.minted.insert((subject, key.clone()));
+    } else {
+        plan.writes.insert(seen_key(key), entry_key.to_vec());
+    }
+}
+
+/// Writes `plans` (in order: a later write of a key wins) to the tree as one atomic batch with
+/// the stamp that says the tree now holds every event up to `applied`, and brings the in-memory
+/// views along.
+pub(super) fn write(
+    tree: &sled::Tree,
+    views: &Views,
+    plans: &[&Plan],
+    stamp: &mut Stamp,
+    applied: u64,
+) -> Result<(), sled::Error> {
+    write_plans(tree, views, plans, stamp, Some(applied))
+}
+
+/// Like [`write`], but leaves the stored stamp alone: for the snapshot phase of a rebuild,
+/// whose tree must not claim any progress until the whole snapshot is in.
+pub(super) fn write_unstamped(
+    tree: &sled::Tree,
+    views: &Views,
+    plan: &Plan,
+    stamp: &mut Stamp,
+) -> Result<(), sled::Error> {
+    write_plans(tree, views, &[plan], stamp, None)
+}
+
+fn write_plans(
+    tree: &sled::Tree,
+    views: &Views,
+    plans: &[&Plan],
+    stamp: &mut Stamp,
+    applied: Option<u64>,
+) -> Result<(), sled::Error> {
+    let mut next = Stamp {
+        applied: applied.unwrap_or(stamp.applied),
+        records: stamp.records,
+    };
+    let mut batch = sled::Batch::default();
+    let mut phones: HashMap<u64, &[u8]> = HashMap::new();
+    let mut accounts = 0;
+    for plan in plans {
+        for (key, value) in &plan.writes {
+            if let Some(number) = phone_of_record_key(key) {
+                phones.insert(number, value);
+            }
+            batch.insert(key.as_slice(), value.as_slice());
+        }
+        accounts += plan.suppressed_accounts;
+        next.records += plan.new_records;
+    }
+    if applied.is_some() {
+        batch.insert(stamp_key(), &next.encode()[..]);
+    }
+    tree.apply_batch(batch)?;
+    for (number, value) in phones {
+        views.phones.update(number, value);
+    }
+    views
+        .suppressed_accounts
+        .fetch_add(accounts, Ordering::Relaxed);
+    *stamp = next;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Kind, Source};
+
+    fn event(phone: &str, source: Source, kind: Kind, key: &str, time_ms: i64) -> Event {
+        Event {
+            subject: Subject::Phone {
+                phone: phone.into(),
+            },
+            source,
+            kind,
+            idempotency_key: key.into(),
+            event_id: None,
+            event_time_ms: time_ms,
+            receive_time_ms: time_ms,
+            details: Default::default(),
+        }
+    }
+
+    fn tree() -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .temporary(true)
+            .open()
+            .expect("sled");
+        let tree = db.open_tree("t").expect("tree");
+        (dir, tree)
+    }
+
+    fn status(tree: &sled::Tree, phone: &str) -> bool {
+        let key = record_key(&subject_key(&Subject::Phone {
+            phone: phone.into(),
+        }));
+        tree.get(key)
+            .expect("get")
+            .map(|v| record::decode_status(&v).expect("status").suppressed)
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn numbers_only_new_events_and_sees_through_batches_in_flight() {
+        let (_dir, tree) = tree();
+        let planner = Planner {
+            rules: Rules::default(),
+        };
+        let views = Views::new();
+        let unsub = event("+4930100001", Source::Lox24, Kind::Unsubscribe, "lox24:1", 10);
+        let mut first = Plan::starting_at(1);
+        let view = View {
+            tree: &tree,
+            in_flight: &[],
+        };
+        let outcomes = planner
+            .plan(&view, &mut first, &[unsub.clone(), unsub.clone()])
+            .expect("plan");
+        assert_eq!(outcomes, [Outcome::Applied, Outcome::Duplicate]);
+        assert_eq!((first.first_seq, first.next_seq()), (1, 2));
+
+        // Not yet written: the next batch still finds the first delivery.
+        let in_flight = [Arc::new(first)];
+        let view = View {
+            tree: &tree,
+            in_flight: &in_flight,
+        };
+        let mut second = Plan::starting_at(in_flight[0].next_seq());
+        let again = planner.plan(&view, &mut second, &[unsub]).expect("plan");
+        assert_eq!(again, [Outcome::Duplicate]);
+        assert!(second.events.is_empty());
+
+        let mut stamp = Stamp::default();
+        let applied = second.next_seq() - 1;
+        write(&tree, &views, &[&in_flight[0], &second], &mut stamp, applied).expect("write");
+        assert_eq!(
+            stamp,
+            Stamp {
+                applied: 1,
+                records: 1
+            }
+        );
+        assert!(status(&tree, "+4930100001"));
+        assert_eq!(views.phones.len(), 1);
+        let stored = tree.get(stamp_key()).expect("get").expect("stamp");
+        assert_eq!(Stamp::decode(&stored), Some(stamp));
+    }
+
+    #[test]
+    fn a_replay_writes_what_the_first_plan_wrote() {
+        let planner = Planner {
+            rules: Rules::default(),
+        };
+        let events = [
+            event("+4930100002", Source::Sendios, Kind::SmsLost, "sendios:1", 5),
+            event("+4930100002", Source::Lox24, Kind::Unsubscribe, "lox24:2", 3),
+            event("+4930100002", Source::Manual, Kind::Lift, "manual:3", 7),
+            event("+4930100003", Source::Lox24, Kind::Unsubscribe, "lox24:4", 1),
+        ];
+        let (_a, original) = tree();
+        let mut plan = Plan::starting_at(40);
+        let view = View {
+            tree: &original,
+            in_flight: &[],
+        };
+        planner.plan(&view, &mut plan, &events).expect("plan");
+        let applied = plan.next_seq() - 1;
+        write(&original, &Views::new(), &[&plan], &mut Stamp::default(), applied).expect("write");
+
+        let (_b, rebuilt) = tree();
+        let view = View {
+            tree: &rebuilt,
+            in_flight: &[],
+        };
+        // One event at a time and each written at once, as a catch-up in small batches would.
+        let mut stamp = Stamp::default();
+        for (seq, event) in (40..).zip(&plan.events) {
+            let mut one = Plan::starting_at(seq);
+            planner.replay(&view, &mut one, seq, event).expect("replay");
+            write(&rebuilt, &Views::new(), &[&one], &mut stamp, seq).expect("write");
+        }
+        let dump = |tree: &sled::Tree| -> Vec<(Vec<u8>, Vec<u8>)> {
+            tree.iter()
+                .map(|kv| {
+                    let (k, v) = kv.expect("entry");
+                    (k.to_vec(), v.to_vec())
+                })
+                .collect()
+        };
+        assert_eq!(dump(&original), dump(&rebuilt));
+        assert!(!status(&rebuilt, "+4930100002"), "lifted");
+        assert!(status(&rebuilt, "+4930100003"));
+    }
+}

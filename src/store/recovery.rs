@@ -1,0 +1,479 @@
+//! Opening the store, at start and after a storage failure alike: the log and the newest snapshot
+//! say what the list is, and sled is brought to agree with them before anything is served.
+//!
+//! 1. The log is opened and checked ([`Log::open`]): a torn tail is cut, damage refuses the open.
+//! 2. sled is opened. If it opens, carries a [`Stamp`] and the log holds every event after the
+//!    stamp, the log's tail is replayed into it (a catch-up), and one scan of its records builds
+//!    the in-memory views and counts the records against the stamp.
+//! 3. Otherwise — sled fails to open, has no stamp though events exist, stopped before the log's
+//!    first event, or lost records — its directory is moved aside (`db.broken-<unix time>`, only
+//!    the latest kept) and it is rebuilt from the newest verified snapshot and the log.
+//!
+//! A sled ahead of the log is refused rather than rebuilt: sled is only written after the log is
+//! synced, so the log must have lost acknowledged events, and rebuilding would forget them.
+//!
+//! Data directories from before the log existed (a `wal` file and no `log/`) are moved to it
+//! once: the old write-ahead log is replayed, a snapshot of everything is written, and the log
+//! starts after it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::apply::{self, Plan, Planner, View, Views};
+use super::database::Database;
+use super::files::{io_error, sync_dir, FileError};
+use super::history::Histories;
+use super::index::IndexBuilder;
+use super::keys::{phone_of_record_key, stamp_key, Stamp, RECORD};
+use super::log::Log;
+use super::{legacy_wal, record, snapshot, StoreConfig, StoreError};
+use crate::metrics::Metrics;
+
+/// Writes planned before a replay or rebuild writes them to sled in one batch.
+const REPLAY_BATCH: usize = 20_000;
+/// sled releases its file lock once its background threads have wound down.
+const LOCK_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The store as opened: the log to append to, sled agreeing with it, and how far both are.
+pub(super) struct Opened {
+    pub log: Log,
+    pub database: Database,
+    pub stamp: Stamp,
+    /// The sequence the newest snapshot holds everything below (1 when there is none).
+    pub snapshot_seq: u64,
+}
+
+pub(super) fn log_dir(config: &StoreConfig) -> PathBuf {
+    config.dir.join("log")
+}
+
+pub(super) fn snapshot_dir(config: &StoreConfig) -> PathBuf {
+    config.dir.join("snapshots")
+}
+
+fn sled_dir(config: &StoreConfig) -> PathBuf {
+    config.dir.join("db")
+}
+
+/// Opens the store in `config.dir` and fills `views` from it.
+pub(super) fn open(
+    config: &StoreConfig,
+    planner: &Planner,
+    views: &Views,
+    metrics: &Metrics,
+) -> Result<Opened, StoreError> {
+    std::fs::create_dir_all(&config.dir).map_err(|source| StoreError::Open {
+        path: config.dir.clone(),
+        source,
+    })?;
+    if !log_dir(config).exists() {
+        migrate_legacy(config, planner)?;
+    }
+    let snapshots = snapshot::list_and_tidy(&snapshot_dir(config))?;
+    let snapshot_seq = snapshots.first().map_or(1, |s| s.next_seq);
+    let (log, torn) = Log::open(&log_dir(config), snapshot_seq, config.segment_bytes)?;
+    if let Some(torn) = torn {
+        tracing::warn!(
+            file = %torn.file.display(),
+            offset = torn.offset,
+            bytes = torn.bytes,
+            "the log ended in a torn record (a crash during a write that was never acknowledged); it was cut off"
+        );
+    }
+    check_log_against_snapshot(&log, snapshot_seq, snapshots.first())?;
+
+    let started = Instant::now();
+    let why = match open_sled(config) {
+        Ok(database) => match catch_up(&database, &log, planner, views)? {
+            CatchUp::Done(stamp) => {
+                tracing::info!(
+                    applied = stamp.applied,
+                    suppressed_phones = views.phones.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "store opened"
+                );
+                return Ok(Opened {
+                    log,
+                    database,
+                    stamp,
+                    snapshot_seq,
+                });
+            }
+            CatchUp::Behind(why) => {
+                drop(database);
+                why
+            }
+        },
+        Err(StoreError::Locked { path }) => return Err(StoreError::Locked { path }),
+        Err(e) => format!("sled does not open ({e})"),
+    };
+    tracing::warn!("rebuilding the database from the snapshot and the log: {why}");
+    move_aside(config)?;
+    let database = open_sled(config)?;
+    let stamp = rebuild(&database, &log, &snapshots, planner)?;
+    build_views(&database, views, &stamp).and_then(|built| match built {
+        Ok(()) => Ok(()),
+        Err(why) => Err(StoreError::Corrupt {
+            path: sled_dir(config),
+            detail: format!("the rebuilt database does not add up: {why}"),
+        }),
+    })?;
+    database.make_durable()?;
+    metrics.store_rebuilt();
+    tracing::warn!(
+        reason = %why,
+        applied = stamp.applied,
+        records = stamp.records,
+        suppressed_phones = views.phones.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "database rebuilt from the snapshot and the log"
+    );
+    Ok(Opened {
+        log,
+        database,
+        stamp,
+        snapshot_seq,
+    })
+}
+
+/// The log must hold every event the newest snapshot does not, and the snapshot nothing the
+/// log has not seen.
+fn check_log_against_snapshot(
+    log: &Log,
+    snapshot_seq: u64,
+    newest: Option<&snapshot::SnapshotFile>,
+) -> Result<(), StoreError> {
+    let gap = log.first_seq() > snapshot_seq;
+    let beyond = snapshot_seq > log.next_seq();
+    if !gap && !beyond {
+        return Ok(());
+    }
+    let source = newest.map_or_else(
+        || "no snapshot".to_string(),
+        |s| s.path.display().to_string(),
+    );
+    Err(StoreError::Corrupt {
+        path: log_dir_of(log),
+        detail: format!(
+            "the log holds events {} to {}, but {source} holds those below {snapshot_seq}: {}",
+            log.first_seq(),
+            log.next_seq().saturating_sub(1),
+            if gap {
+                "the events between are in neither"
+            } else {
+                "the log lost events the snapshot has"
+            }
+        ),
+    })
+}
+
+fn log_dir_of(log: &Log) -> PathBuf {
+    log.dir().to_path_buf()
+}
+
+fn open_sled(config: &StoreConfig) -> Result<Database, StoreError> {
+    let dir = sled_dir(config);
+    std::fs::create_dir_all(&dir).map_err(|source| StoreError::Open {
+        path: dir.clone(),
+        source,
+    })?;
+    let deadline = Instant::now() + LOCK_PATIENCE;
+    loop {
+        match Database::open(&dir, config.cache_bytes) {
+            // A reopen follows a close whose threads may still hold the lock for a moment.
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+enum CatchUp {
+    Done(Stamp),
+    /// sled cannot be brought up to date from the log, for this reason.
+    Behind(String),
+}
+
+fn catch_up(
+    database: &Database,
+    log: &Log,
+    planner: &Planner,
+    views: &Views,
+) -> Result<CatchUp, StoreError> {
+    let stored = database.tree.get(stamp_key())?;
+    let stamp = match stored.as_deref().map(Stamp::decode) {
+        Some(Some(stamp)) => stamp,
+        Some(None) => return Ok(CatchUp::Behind("its stamp is unreadable".into())),
+        None if log.next_seq() <= 1 && database.tree.first()?.is_none() => Stamp::default(),
+        None => {
+            return Ok(CatchUp::Behind(format!(
+                "it says nothing about how far it got ({} records), while the log and the snapshot hold {} events",
+                database.tree.scan_prefix([RECORD]).count(),
+                log.next_seq().saturating_sub(1)
+            )))
+        }
+    };
+    if stamp.applied + 1 < log.first_seq() {
+        return Ok(CatchUp::Behind(format!(
+            "it stopped at event {}, before the log's first event {}",
+            stamp.applied,
+            log.first_seq()
+        )));
+    }
+    if stamp.applied >= log.next_seq() {
+        return Err(StoreError::Corrupt {
+            path: log.dir().to_path_buf(),
+            detail: format!(
+                "the log ends at event {} but the database has applied up to {}: acknowledged events are missing from the log",
+                log.next_seq().saturating_sub(1),
+                stamp.applied
+            ),
+        });
+    }
+    let mut stamp = stamp;
+    let replayed = replay_log(database, log, stamp.applied + 1, planner, &mut stamp)?;
+    if replayed > 0 {
+        tracing::info!(events = replayed, "replayed the log's tail into the database");
+    }
+    Ok(match build_views(database, views, &stamp)? {
+        Ok(()) => CatchUp::Done(stamp),
+        Err(why) => CatchUp::Behind(why),
+    })
+}
+
+/// Replays the log from `from` into the tree; returns how many events it replayed.
+fn replay_log(
+    database: &Database,
+    log: &Log,
+    from: u64,
+    planner: &Planner,
+    stamp: &mut Stamp,
+) -> Result<u64, StoreError> {
+    let views = Views::new();
+    let mut plan = Plan::default();
+    let mut last = None;
+    let mut replayed = 0;
+    log.replay_from(from, |events| -> Result<(), StoreError> {
+        for (seq, event) in events {
+            let view = View {
+                tree: &database.tree,
+                in_flight: &[],
+            };
+            planner.replay(&view, &mut plan, seq, &event)?;
+            last = Some(seq);
+            replayed += 1;
+        }
+        if plan.writes_len() >= REPLAY_BATCH {
+            if let Some(seq) = last {
+                apply::write(&database.tree, &views, &[&plan], stamp, seq)?;
+            }
+            plan = Plan::default();
+        }
+        Ok(())
+    })?;
+    if let Some(seq) = last {
+        apply::write(&database.tree, &views, &[&plan], stamp, seq)?;
+    }
+    Ok(replayed)
+}
+
+/// One pass over every record fills the phone index and the account count, and checks that the
+/// tree holds as many records as its stamp says: `Err(why)` inside when it does not.
+fn build_views(
+    database: &Database,
+    views: &Views,
+    stamp: &Stamp,
+) -> Result<Result<(), String>, StoreError> {
+    let started = Instant::now();
+    let mut phones = IndexBuilder::new();
+    let mut accounts = 0;
+    let mut records = 0u64;
+    for entry in database.tree.scan_prefix([RECORD]) {
+        let (key, value) = entry?;
+        records += 1;
+        match phone_of_record_key(&key) {
+            Some(number) => phones.add(number, &value),
+            None => accounts += i64::from(record::decode_status(&value)?.suppressed),
+        }
+    }
+    if records != stamp.records {
+        return Ok(Err(format!(
+            "it holds {records} records where its stamp says {}",
+            stamp.records
+        )));
+    }
+    views.phones.replace(phones.build());
+    views.suppressed_accounts.store(accounts, Ordering::Relaxed);
+    tracing::debug!(
+        records,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "in-memory views built"
+    );
+    Ok(Ok(()))
+}
+
+/// Moves sled's directory to `db.broken-<unix time>`, removing an older one.
+fn move_aside(config: &StoreConfig) -> Result<(), StoreError> {
+    let dir = sled_dir(config);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Open { path, source }
+    };
+    for entry in std::fs::read_dir(&config.dir).map_err(io(&config.dir))? {
+        let path = entry.map_err(io(&config.dir))?.path();
+        let broken = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("db.broken-"));
+        if broken {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        }
+    }
+    if dir.exists() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = config.dir.join(format!("db.broken-{now}"));
+        std::fs::rename(&dir, &aside).map_err(io(&dir))?;
+        tracing::warn!(moved_to = %aside.display(), "the old database was kept aside");
+    }
+    sync_dir(&config.dir).map_err(io(&config.dir))?;
+    Ok(())
+}
+
+/// Fills the empty `database` from the newest snapshot that reads back whole and the log after
+/// it. The stamp is written only once the snapshot is in, so a crash during a rebuild leaves a
+/// tree without one, which the next open rebuilds again.
+fn rebuild(
+    database: &Database,
+    log: &Log,
+    snapshots: &[snapshot::SnapshotFile],
+    planner: &Planner,
+) -> Result<Stamp, StoreError> {
+    let mut stamp = Stamp::default();
+    let views = Views::new();
+    let mut from = log.first_seq();
+    let mut damaged: Option<FileError> = None;
+    for file in snapshots {
+        if file.next_seq < log.first_seq() {
+            break;
+        }
+        if let Err(e) = snapshot::Reader::open(&file.path).and_then(snapshot::Reader::verify) {
+            tracing::error!("snapshot {} is damaged, trying an older one: {e}", file.path.display());
+            damaged.get_or_insert(e);
+            continue;
+        }
+        let mut plan = Plan::default();
+        let mut subjects = 0u64;
+        for subject in snapshot::Reader::open(&file.path)? {
+            let (_, events) = subject?;
+            for (seq, event) in &events {
+                let view = View {
+                    tree: &database.tree,
+                    in_flight: &[],
+                };
+                planner.replay(&view, &mut plan, *seq, event)?;
+            }
+            subjects += 1;
+            if plan.writes_len() >= REPLAY_BATCH {
+                apply::write_unstamped(&database.tree, &views, &plan, &mut stamp)?;
+                plan = Plan::default();
+            }
+        }
+        apply::write_unstamped(&database.tree, &views, &plan, &mut stamp)?;
+        tracing::info!(
+            subjects,
+            file = %file.path.display(),
+            "the snapshot is in the rebuilt database"
+        );
+        from = file.next_seq;
+        damaged = None;
+        break;
+    }
+    if let Some(damage) = damaged {
+        // Every snapshot the log depends on is damaged: what it held exists nowhere else.
+        return Err(damage.into());
+    }
+    apply::write(
+        &database.tree,
+        &views,
+        &[],
+        &mut stamp,
+        from.saturating_sub(1),
+    )?;
+    replay_log(database, log, from, planner, &mut stamp)?;
+    Ok(stamp)
+}
+
+/// Moves a data directory written before the log existed onto the log: replays its old
+/// write-ahead log into sled, stamps sled, writes a snapshot of everything and starts the log
+/// after it. Each step can be redone if a crash interrupts the next.
+fn migrate_legacy(config: &StoreConfig, planner: &Planner) -> Result<(), StoreError> {
+    let wal = config.dir.join("wal");
+    let sled_log = sled_dir(config).join("db");
+    if !wal.exists() && !sled_log.exists() {
+        return Ok(());
+    }
+    if !sled_log.exists() {
+        return Err(StoreError::Corrupt {
+            path: sled_dir(config),
+            detail: format!(
+                "its log file {} is missing, but {} shows this data directory held a database, and there is no log to rebuild it from",
+                sled_log.display(),
+                wal.display()
+            ),
+        });
+    }
+    tracing::warn!("this data directory predates the log; moving it onto the log");
+    let database = open_sled(config)?;
+    let batches = match legacy_wal::read(&wal) {
+        Ok(batches) => batches,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(StoreError::Open { path: wal, source }),
+    };
+    let mut plan = Plan::starting_at(database.db.generate_id()? + 1);
+    for events in &batches {
+        let view = View {
+            tree: &database.tree,
+            in_flight: &[],
+        };
+        planner.plan(&view, &mut plan, events)?;
+    }
+    let next_seq = plan.next_seq();
+    let records = database.tree.scan_prefix([RECORD]).count() as u64;
+    let mut stamp = Stamp {
+        applied: 0,
+        records,
+    };
+    apply::write(
+        &database.tree,
+        &Views::new(),
+        &[&plan],
+        &mut stamp,
+        next_seq - 1,
+    )?;
+    database.make_durable()?;
+    let database = std::sync::Arc::new(database);
+    let histories = Histories::new(database.clone(), next_seq).map(|subject| {
+        subject.map(|(subject, events)| {
+            let events = events.into_iter().map(|(seq, e)| (seq, e.event)).collect();
+            (subject, events)
+        })
+    });
+    let (file, summary) =
+        snapshot::write::<StoreError>(&snapshot_dir(config), next_seq, histories, || true)?;
+    snapshot::Reader::open(&file.path)?.verify()?;
+    Log::open(&log_dir(config), next_seq, config.segment_bytes)?;
+    if wal.exists() {
+        std::fs::remove_file(&wal).map_err(io_error(&wal))?;
+        sync_dir(&config.dir).map_err(io_error(&config.dir))?;
+    }
+    tracing::warn!(
+        subjects = summary.subjects,
+        events = summary.entries,
+        "the data directory is on the log now"
+    );
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! When a snapshot is due, writing it in the background, and what its verification allows.
+//!
+//! A snapshot is due once enough events, log bytes or time have gone by since the last one
+//! (`--snapshot-every-events`, `--snapshot-every-mb`, `--snapshot-every-seconds`) and there is
+//! anything new. It is written from a scan of sled filtered to the events numbered below what
+//! sled held when it began (history entries never change, so that is a consistent picture while
+//! writes go on), on a thread of its own so that commits do not wait for it. Once it has been
+//! read back whole: sled is made durable on its own (so that a start does not need the segments
+//! about to go), the log's segments it covers are removed, and so are older snapshots.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::database::Database;
+use super::files::{io_error, sync_dir};
+use super::history::Histories;
+use super::log::Log;
+use super::recovery::snapshot_dir;
+use super::snapshot::{self, SnapshotFile, Summary};
+use super::{StoreConfig, StoreError};
+use crate::metrics::Metrics;
+
+/// When snapshots are written.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotPolicy {
+    pub every_bytes: u64,
+    pub every_events: u64,
+    pub every: Duration,
+}
+
+/// After a failed snapshot, the next attempt waits this long.
+const RETRY: Duration = Duration::from_secs(60);
+
+struct Job {
+    below: u64,
+    abandoned: Arc<AtomicBool>,
+    thread: JoinHandle<Result<(SnapshotFile, Summary), StoreError>>,
+}
+
+pub(super) struct Snapshotter {
+    dir: PathBuf,
+    policy: SnapshotPolicy,
+    /// Events and log bytes since the newest snapshot, and when it was written.
+    events_since: u64,
+    bytes_at_last: u64,
+    last: Instant,
+    job: Option<Job>,
+    not_before: Option<Instant>,
+}
+
+impl Snapshotter {
+    pub fn new(config: &StoreConfig, snapshot_seq: u64, log_next: u64) -> Snapshotter {
+        Snapshotter {
+            dir: snapshot_dir(config),
+            policy: config.snapshots,
+            events_since: log_next.saturating_sub(snapshot_seq),
+            bytes_at_last: 0,
+            last: Instant::now(),
+            job: None,
+            not_before: None,
+        }
+    }
+
+    pub fn appended(&mut self, events: u64) {
+        self.events_since += events;
+    }
+
+    /// Starts a snapshot when one is due, and finishes one that is done. `below` is the
+    /// sequence sled holds everything below now.
+    pub fn tend(
+        &mut self,
+        database: &Arc<Database>,
+        log: &mut Log,
+        below: u64,
+        metrics: &Metrics,
+    ) {
+        if self.job.as_ref().is_some_and(|job| job.thread.is_finished()) {
+            if let Some(job) = self.job.take() {
+                self.finish(job, database, log, metrics);
+            }
+        }
+        if self.job.is_none() && self.is_due(log) {
+            self.start(database.clone(), below, log.appended_bytes());
+        }
+        metrics.log_and_snapshot_bytes(log.size_on_disk(), self.size_on_disk());
+    }
+
+    fn is_due(&self, log: &Log) -> bool {
+        if self.events_since == 0 || self.not_before.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        self.events_since >= self.policy.every_events
+            || log.appended_bytes() - self.bytes_at_last >= self.policy.every_bytes
+            || self.last.elapsed() >= self.policy.every
+    }
+
+    fn start(&mut self, database: Arc<Database>, below: u64, log_bytes: u64) {
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let dir = self.dir.clone();
+        let stop = abandoned.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-snapshot".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let histories = Histories::new(database, below).map(|subject| {
+                    subject.map(|(subject, events)| {
+                        let events = events.into_iter().map(|(seq, e)| (seq, e.event)).collect();
+                        (subject, events)
+                    })
+                });
+                let (file, written) = snapshot::write::<StoreError>(&dir, below, histories, || {
+                    !stop.load(Ordering::Relaxed)
+                })?;
+                let read_back = snapshot::Reader::open(&file.path)?.verify()?;
+                if read_back != written {
+                    return Err(StoreError::Unavailable(format!(
+                        "snapshot {} reads back as {read_back:?}, not as written ({written:?})",
+                        file.path.display()
+                    )));
+                }
+                tracing::info!(
+                    subjects = written.subjects,
+                    events = written.entries,
+                    bytes = written.bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "snapshot written and verified"
+                );
+                Ok((file, written))
+            });
+        match thread {
+            Ok(thread) => {
+                self.job = Some(Job {
+                    below,
+                    abandoned,
+                    thread,
+                });
+                // Counted from the snapshot's start: what arrives meanwhile is not in it.
+                self.events_since = 0;
+                self.bytes_at_last = log_bytes;
+                self.last = Instant::now();
+            }
+            Err(e) => {
+                tracing::error!("cannot start a snapshot: {e}");
+                self.not_before = Some(Instant::now() + RETRY);
+            }
+        }
+    }
+
+    fn finish(&mut self, job: Job, database: &Database, log: &mut Log, metrics: &Metrics) {
+        let result = match job.thread.join() {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable("the snapshot thread panicked".into())),
+        };
+        let done = result.and_then(|(file, _)| {
+            database.make_durable()?;
+            let removed = log.remove_before(job.below)?;
+            self.remove_older_than(&file)?;
+            Ok(removed)
+        });
+        match done {
+            Ok(removed) => {
+                metrics.snapshot_written();
+                if removed > 0 {
+                    tracing::info!(segments = removed, "log segments covered by the snapshot removed");
+                }
+            }
+            Err(e) => {
+                tracing::error!("snapshot failed; the log is kept whole and it is tried again later: {e}");
+                self.not_before = Some(Instant::now() + RETRY);
+                self.events_since = self.events_since.max(1);
+            }
+        }
+    }
+
+    fn remove_older_than(&self, newest: &SnapshotFile) -> Result<(), StoreError> {
+        let mut removed = false;
+        for older in snapshot::list(&self.dir)? {
+            if older.next_seq < newest.next_seq {
+                std::fs::remove_file(&older.path).map_err(io_error(&older.path))?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(&self.dir).map_err(io_error(&self.dir))?;
+        }
+        Ok(())
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        snapshot::list(&self.dir)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| std::fs::metadata(&s.path).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Stops a snapshot under way (for a reopen or the shutdown) and waits for its thread.
+    pub fn abandon(&mut self) {
+        if let Some(job) = self.job.take() {
+            job.abandoned.store(true, Ordering::Relaxed);
+            let _ = job.thread.join();
+        }
+    }
+}
