@@ -68,6 +68,13 @@ pub enum Command {
     },
     /// Write every record and its history as NDJSON to standard output.
     Export,
+    /// Copy the running service's list into DIR, a new data directory, without stopping it: a
+    /// fresh snapshot of everything acknowledged before the command started. Restore by starting
+    /// `suppressd serve --data-dir DIR` (the database is rebuilt from the snapshot).
+    Backup {
+        /// A directory that does not exist yet or is empty.
+        dir: PathBuf,
+    },
     /// Load a file: an export (.ndjson / .jsonl) or a list of phone numbers (.csv, or one per
     /// line).
     Import {

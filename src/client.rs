@@ -54,6 +54,7 @@ async fn execute(cli: &Cli) -> Result<u8, String> {
         ),
         Command::Remove { subject, note } => (Method::DELETE, subject, Some(json!({"note": note}))),
         Command::Export => return export(&api).await,
+        Command::Backup { dir } => return backup(&api, dir).await,
         Command::Import { file } => return import(&api, file, cli.json).await,
         Command::Serve(_) | Command::GenerateAssets { .. } => {
             return Err("not a client command".into())
@@ -299,6 +300,62 @@ async fn export(api: &Api) -> Result<u8, String> {
         .flush()
         .map_err(|e| format!("cannot write the export: {e}"))?;
     progress.finish();
+    Ok(0)
+}
+
+/// `suppressd backup DIR`: receives a snapshot into DIR as a data directory of its own, checks
+/// it reads back whole, and makes it durable before saying it is done.
+async fn backup(api: &Api, dir: &std::path::Path) -> Result<u8, String> {
+    use std::io::Write;
+    let in_use = std::fs::read_dir(dir).map(|mut entries| entries.next().is_some());
+    if in_use.unwrap_or(false) {
+        return Err(format!(
+            "{} is not empty; a backup goes into a new directory",
+            dir.display()
+        ));
+    }
+    let empty = Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed();
+    let response = api.send(Method::GET, "/v1/backup", None, empty).await?;
+    let next_seq: u64 = response
+        .headers()
+        .get(crate::transfer::SNAPSHOT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or("the API's answer does not say which snapshot it is")?;
+    let path = crate::store::snapshot_path(dir, next_seq);
+    let snapshots = path.parent().ok_or("no snapshot directory")?.to_path_buf();
+    let tmp = path.with_extension("tmp");
+    let failed = |what: &str, e: &dyn std::fmt::Display| format!("cannot {what}: {e}");
+    std::fs::create_dir_all(&snapshots).map_err(|e| failed("create the backup directory", &e))?;
+    let mut file = std::fs::File::create(&tmp).map_err(|e| failed("write the backup", &e))?;
+    let mut body = response.into_body();
+    let mut progress = Progress::new("backed up", None);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the backup broke off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            file.write_all(&data)
+                .map_err(|e| failed("write the backup", &e))?;
+            progress.advance(data.len());
+        }
+    }
+    file.sync_all().map_err(|e| failed("sync the backup", &e))?;
+    drop(file);
+    progress.finish();
+    let (subjects, events) = crate::store::verify_snapshot(&tmp)
+        .map_err(|e| format!("the backup received does not read back whole: {e}"))?;
+    std::fs::rename(&tmp, &path).map_err(|e| failed("name the backup", &e))?;
+    for synced in [snapshots.as_path(), dir] {
+        std::fs::File::open(synced)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| failed("sync the backup directory", &e))?;
+    }
+    println!(
+        "backed up {subjects} subjects ({events} events) into {}; restore with: suppressd serve --data-dir {}",
+        dir.display(),
+        dir.display()
+    );
     Ok(0)
 }
 

@@ -1,4 +1,9 @@
-//! Export and import of the whole list.
+//! Export and import of the whole list, and the backup.
+//!
+//! The backup is a snapshot file (see `Store::backup`) of everything acknowledged before the
+//! request, streamed as it is: a data directory holding only it under `snapshots/` starts with
+//! that list (the store rebuilds its database from it). Its sequence number, which names the file,
+//! travels in the [`SNAPSHOT_HEADER`] header.
 //!
 //! Export writes one NDJSON line per subject: `{"subject": …, "events": [...]}` with every
 //! history event in arrival order (each with its idempotency key and whether it applied). A
@@ -23,7 +28,10 @@ use crate::error::HttpError;
 use crate::event::{mint_idempotency_key, now_ms, Event, Kind, Source, Subject};
 use crate::server::AppState;
 use crate::store::{Outcome, StoredEvent};
-use crate::web::{media_type, ndjson_response, Line, LineFormat, LineReader, Request, Response};
+use crate::web::{
+    media_type, ndjson_response, streamed_response, Line, LineFormat, LineReader, Request,
+    Response,
+};
 
 /// Events committed together during an import; each commit is durable before the next.
 const IMPORT_BATCH: usize = 2_000;
@@ -69,6 +77,40 @@ pub async fn export(state: &Arc<AppState>) -> Result<Response, HttpError> {
         }
     });
     Ok(ndjson_response(receiver))
+}
+
+/// The header of a backup response that names the sequence its snapshot holds everything below.
+pub const SNAPSHOT_HEADER: &str = "suppressd-snapshot-seq";
+
+/// `GET /v1/backup`
+pub async fn backup(state: &Arc<AppState>) -> Result<Response, HttpError> {
+    let (next_seq, file) = state.store.backup().await?;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        loop {
+            let mut chunk = vec![0u8; 256 * 1024];
+            match std::io::Read::read(&mut file, &mut chunk) {
+                Ok(0) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    if sender.blocking_send(Bytes::from(chunk)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // The body ends early; the client's check of the file finds it incomplete.
+                    tracing::error!("backup stopped: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    let mut response = streamed_response(receiver, "application/octet-stream");
+    response
+        .headers_mut()
+        .insert(SNAPSHOT_HEADER, hyper::header::HeaderValue::from(next_seq));
+    Ok(response)
 }
 
 #[derive(Default, serde::Serialize)]

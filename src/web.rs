@@ -240,10 +240,18 @@ impl hyper::body::Body for ChannelBody {
 
 /// A streamed NDJSON response fed by `receiver`.
 pub fn ndjson_response(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+    streamed_response(receiver, "application/x-ndjson")
+}
+
+/// A 200 whose body is what `receiver` yields, of type `content_type`.
+pub fn streamed_response(
+    receiver: tokio::sync::mpsc::Receiver<Bytes>,
+    content_type: &'static str,
+) -> Response {
     let mut response = hyper::Response::new(ChannelBody(receiver).boxed());
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+        hyper::header::HeaderValue::from_static(content_type),
     );
     response
 }

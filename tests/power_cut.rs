@@ -1,8 +1,8 @@
 //! Power-cut safety at the system-call level: under `strace -f`, every 200 to a webhook is
-//! written to its socket only after an `fdatasync` of the write-ahead log that holds the event,
+//! written to its socket only after an `fdatasync` of the log segment that holds the event,
 //! never on the strength of sled's `sync_file_range` alone.
 //!
-//! Deliveries are sent one at a time, so every WAL write and sync between two responses belongs
+//! Deliveries are sent one at a time, so every log write and sync between two responses belongs
 //! to the second one's commit.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,9 +13,9 @@ use common::{lox24_event, tools_present, Options, Server};
 const DELIVERIES: usize = 20;
 
 #[tokio::test]
-async fn every_acknowledgement_follows_an_fdatasync_of_the_wal() {
+async fn every_acknowledgement_follows_an_fdatasync_of_the_log() {
     if !tools_present(
-        "every_acknowledgement_follows_an_fdatasync_of_the_wal",
+        "every_acknowledgement_follows_an_fdatasync_of_the_log",
         &["strace"],
     ) {
         return;
@@ -81,12 +81,12 @@ async fn every_acknowledgement_follows_an_fdatasync_of_the_wal() {
     let mut responses: Vec<usize> = last_write_per_connection.iter().map(|(_, i)| *i).collect();
     responses.sort_unstable();
     // The first window opens with the first delivery's connection (its TLS handshake), after
-    // the WAL's preallocation at start.
+    // the log's preallocation at start.
     let first_contact = lines.iter().position(|l| l.contains(&local)).unwrap();
 
-    // A completed WAL sync: the whole call, or its "resumed" half when another thread's call
+    // A completed log sync: the whole call, or its "resumed" half when another thread's call
     // was printed in between.
-    let wal = "/data/wal>";
+    let wal = "/data/log/";
     let completed_sync = |line: &str| {
         let done = line.contains("= 0");
         (call_of(line).starts_with("fdatasync(") && line.contains(wal) && done)
@@ -104,7 +104,7 @@ async fn every_acknowledgement_follows_an_fdatasync_of_the_wal() {
         match (write_at, sync_at) {
             (Some(write), Some(sync)) if write < sync => {}
             _ => panic!(
-                "response {n} (trace line {response}) was not preceded by a WAL write and fdatasync:\n{}",
+                "response {n} (trace line {response}) was not preceded by a log write and fdatasync:\n{}",
                 window.join("\n")
             ),
         }

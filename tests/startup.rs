@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{lox24_event, run_to_exit, Options, Server, Tmpfs};
+use common::{run_to_exit, Options, Server, Tmpfs};
 
 /// `serve` on `data` with ephemeral loopback webhooks and the given API address.
 fn serve_args<'a>(data: &'a str, api_listen: &'a str) -> [&'a str; 7] {
@@ -122,27 +122,6 @@ fn reports_a_corrupt_database() {
         Some(3),
         "database problems exit 3"
     );
-}
-
-/// sled starts a new, empty database wherever its log is missing; a data directory that has
-/// been used must not start that way, whether the database directory or only its log is gone.
-#[tokio::test]
-async fn a_used_data_directory_without_its_database_is_refused_not_started_empty() {
-    let mut server = Server::start(Options::default());
-    let event = lox24_event(
-        "0b5e0000-0000-4000-8000-000000000001",
-        "+4930555000",
-        1_700_000_000,
-    );
-    assert_eq!(server.lox24(event).await.status, 200);
-    assert!(server.terminate().success());
-    let data = server.data_dir.to_str().unwrap().to_owned();
-    let args = serve_args(&data, "127.0.0.1:0");
-
-    std::fs::remove_file(server.data_dir.join("db/db")).unwrap();
-    assert_eq!(assert_refused(&args, "is missing"), Some(3));
-    std::fs::remove_dir_all(server.data_dir.join("db")).unwrap();
-    assert_eq!(assert_refused(&args, "is missing"), Some(3));
 }
 
 #[tokio::test]

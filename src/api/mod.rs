@@ -57,6 +57,7 @@ enum Endpoint<'a> {
     Suppressions,
     Export,
     Import,
+    Backup,
 }
 
 /// A subject as it appears in a path, still percent-encoded.
@@ -82,6 +83,7 @@ impl<'a> Endpoint<'a> {
             ["v1", "check"] => Endpoint::Check,
             ["v1", "suppressions"] => Endpoint::Suppressions,
             ["v1", "export"] => Endpoint::Export,
+            ["v1", "backup"] => Endpoint::Backup,
             ["v1", "import"] => Endpoint::Import,
             _ => return None,
         })
@@ -178,6 +180,7 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         },
         Some(Endpoint::Suppressions) => list::list(state, request.uri().query()),
         Some(Endpoint::Export) => crate::transfer::export(state).await,
+        Some(Endpoint::Backup) => crate::transfer::backup(state).await,
         Some(Endpoint::Import) => crate::transfer::import(state, request).await,
     }
 }

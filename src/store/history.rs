@@ -14,6 +14,7 @@ use super::keys::{
     subject_from_key, subject_of_history_key, EntryOrder, HISTORY, RECORD,
 };
 use super::record::{self, CorruptRecord};
+use super::snapshot::SubjectHistory;
 use super::{StoreError, StoredEvent};
 use crate::event::Subject;
 
@@ -112,6 +113,19 @@ impl Histories {
             .collect();
         numbered.sort_by_key(|(seq, _)| *seq);
         Ok(Some((subject, numbered)))
+    }
+}
+
+impl Histories {
+    /// The entries as a snapshot file holds them: events with their numbers, without what sled
+    /// derived from them.
+    pub(super) fn events_only(self) -> impl Iterator<Item = Result<SubjectHistory, StoreError>> {
+        self.map(|subject| {
+            subject.map(|(subject, entries)| {
+                let events = entries.into_iter().map(|(seq, e)| (seq, e.event)).collect();
+                (subject, events)
+            })
+        })
     }
 }
 

@@ -53,6 +53,18 @@ pub use keys::{subject_from_key, subject_key};
 pub use record::{Reason, Record, Rules, Status};
 pub use snapshotter::SnapshotPolicy;
 
+/// Reads a snapshot file back whole (as `suppressd backup` does with what it received) and says
+/// what it holds: (subjects, events), or what is wrong with it.
+pub fn verify_snapshot(path: &std::path::Path) -> Result<(u64, u64), FileError> {
+    let summary = snapshot::Reader::open(path)?.verify()?;
+    Ok((summary.subjects, summary.entries))
+}
+
+/// Where a backup's snapshot goes in the data directory it restores: `snapshots/<sequence>.snap`.
+pub fn snapshot_path(data_dir: &std::path::Path, next_seq: u64) -> PathBuf {
+    snapshot::path_for(&data_dir.join("snapshots"), next_seq)
+}
+
 use apply::{Planner, Views};
 use history::{history_entries, Histories};
 use keys::{record_key, tagged, EntryOrder, RECORD};
@@ -197,6 +209,8 @@ impl StoreConfig {
 
 /// The open database. Cheap to share behind an `Arc`.
 pub struct Store {
+    /// The data directory.
+    dir: PathBuf,
     database: Arc<database::Slot>,
     views: Views,
     committer: mpsc::Sender<committer::Job>,
@@ -231,6 +245,7 @@ impl Store {
             source,
         })?;
         Ok(Store {
+            dir: config.dir.clone(),
             database,
             views,
             committer: sender,
@@ -276,6 +291,26 @@ impl Store {
         Ok(Snapshot {
             histories: Histories::new(self.database.get()?, below),
         })
+    }
+
+    /// A snapshot of every event acknowledged before this call, written and read back in a
+    /// directory of its own under the data directory, for a backup: returns the sequence it
+    /// holds everything below and the file, opened and already unlinked, so that nothing is
+    /// left behind whatever happens to the transfer.
+    pub async fn backup(&self) -> Result<(u64, std::fs::File), StoreError> {
+        let below = self.barrier().await?;
+        let database = self.database.get()?;
+        let dir = self
+            .dir
+            .join(format!("backup-{}.tmp", uuid::Uuid::new_v4().simple()));
+        tokio::task::spawn_blocking(move || {
+            let written = snapshotter::write_verified(database, &dir, below, || true)
+                .and_then(|(file, _)| Ok(std::fs::File::open(&file.path)?));
+            let _ = std::fs::remove_dir_all(&dir);
+            written.map(|file| (below, file))
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the backup failed: {e}")))?
     }
 
     /// The sequence number below which every event is in sled, once it is.

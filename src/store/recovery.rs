@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use super::apply::{self, Plan, Planner, View, Views};
 use super::database::Database;
 use super::files::{io_error, sync_dir, FileError};
-use super::history::Histories;
 use super::index::IndexBuilder;
 use super::keys::{phone_of_record_key, stamp_key, Stamp, RECORD};
 use super::log::Log;
+use super::snapshotter::write_verified;
 use super::{legacy_wal, record, snapshot, StoreConfig, StoreError};
 use crate::metrics::Metrics;
 
@@ -455,16 +455,12 @@ fn migrate_legacy(config: &StoreConfig, planner: &Planner) -> Result<(), StoreEr
         next_seq - 1,
     )?;
     database.make_durable()?;
-    let database = std::sync::Arc::new(database);
-    let histories = Histories::new(database.clone(), next_seq).map(|subject| {
-        subject.map(|(subject, events)| {
-            let events = events.into_iter().map(|(seq, e)| (seq, e.event)).collect();
-            (subject, events)
-        })
-    });
-    let (file, summary) =
-        snapshot::write::<StoreError>(&snapshot_dir(config), next_seq, histories, || true)?;
-    snapshot::Reader::open(&file.path)?.verify()?;
+    let (_, summary) = write_verified(
+        std::sync::Arc::new(database),
+        &snapshot_dir(config),
+        next_seq,
+        || true,
+    )?;
     Log::open(&log_dir(config), next_seq, config.segment_bytes)?;
     if wal.exists() {
         std::fs::remove_file(&wal).map_err(io_error(&wal))?;

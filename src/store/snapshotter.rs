@@ -31,6 +31,26 @@ pub struct SnapshotPolicy {
     pub every: Duration,
 }
 
+/// Writes the snapshot of every event numbered below `below` into `dir` and reads it back
+/// whole; `keep_going` can end the write early (an error).
+pub(super) fn write_verified(
+    database: Arc<Database>,
+    dir: &std::path::Path,
+    below: u64,
+    keep_going: impl Fn() -> bool,
+) -> Result<(SnapshotFile, Summary), StoreError> {
+    let histories = Histories::new(database, below).events_only();
+    let (file, written) = snapshot::write::<StoreError>(dir, below, histories, keep_going)?;
+    let read_back = snapshot::Reader::open(&file.path)?.verify()?;
+    if read_back != written {
+        return Err(StoreError::Unavailable(format!(
+            "snapshot {} reads back as {read_back:?}, not as written ({written:?})",
+            file.path.display()
+        )));
+    }
+    Ok((file, written))
+}
+
 /// After a failed snapshot, the next attempt waits this long.
 const RETRY: Duration = Duration::from_secs(60);
 
@@ -105,30 +125,15 @@ impl Snapshotter {
             .name("store-snapshot".into())
             .spawn(move || {
                 let started = Instant::now();
-                let histories = Histories::new(database, below).map(|subject| {
-                    subject.map(|(subject, events)| {
-                        let events = events.into_iter().map(|(seq, e)| (seq, e.event)).collect();
-                        (subject, events)
-                    })
-                });
-                let (file, written) = snapshot::write::<StoreError>(&dir, below, histories, || {
-                    !stop.load(Ordering::Relaxed)
-                })?;
-                let read_back = snapshot::Reader::open(&file.path)?.verify()?;
-                if read_back != written {
-                    return Err(StoreError::Unavailable(format!(
-                        "snapshot {} reads back as {read_back:?}, not as written ({written:?})",
-                        file.path.display()
-                    )));
-                }
+                let written = write_verified(database, &dir, below, || !stop.load(Ordering::Relaxed))?;
                 tracing::info!(
-                    subjects = written.subjects,
-                    events = written.entries,
-                    bytes = written.bytes,
+                    subjects = written.1.subjects,
+                    events = written.1.entries,
+                    bytes = written.1.bytes,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "snapshot written and verified"
                 );
-                Ok((file, written))
+                Ok(written)
             });
         match thread {
             Ok(thread) => {
