@@ -77,6 +77,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// A command the binary runs under, e.g. `strace -f -o FILE`.
     pub prefix: Vec<String>,
+    /// Another build of the binary (see [`release_binary`]); the test build by default.
+    pub program: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -91,6 +93,7 @@ impl Default for Options {
             extra: Vec::new(),
             env: Vec::new(),
             prefix: Vec::new(),
+            program: None,
         }
     }
 }
@@ -104,6 +107,7 @@ pub struct Server {
     args: Vec<String>,
     env: Vec<(String, String)>,
     prefix: Vec<String>,
+    program: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     tls: tokio_rustls::TlsConnector,
     pub api_token: Option<String>,
@@ -111,6 +115,28 @@ pub struct Server {
 
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_suppressd")
+}
+
+/// The release build of the binary, built once per test process: what operators run, for the
+/// tests whose timing depends on it.
+pub fn release_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let manifest = env!("CARGO_MANIFEST_DIR");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--release", "--locked", "--bin", "suppressd"])
+                .current_dir(manifest)
+                .status()
+                .unwrap();
+            assert!(status.success(), "building the release binary failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(manifest).join("target"));
+            target.join("release/suppressd")
+        })
+        .clone()
 }
 
 /// A client TLS configuration that trusts only the certificates in `cert_pem`.
@@ -215,6 +241,10 @@ impl Server {
             args,
             env: options.env.clone(),
             prefix: options.prefix.clone(),
+            program: options
+                .program
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(binary())),
             logs: Arc::new(Mutex::new(Vec::new())),
             tls: connector(""),
             api_token,
@@ -250,12 +280,12 @@ impl Server {
         let mut command = match self.prefix.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
-                command.args(args).arg(binary());
+                command.args(args).arg(&self.program);
                 // Its own process group, so that `kill` can reach the server behind the wrapper.
                 std::os::unix::process::CommandExt::process_group(&mut command, 0);
                 command
             }
-            None => Command::new(binary()),
+            None => Command::new(&self.program),
         };
         let mut child = command
             .args(&self.args)
