@@ -29,8 +29,7 @@ use crate::event::{mint_idempotency_key, now_ms, Event, Kind, Source, Subject};
 use crate::server::AppState;
 use crate::store::{Outcome, StoredEvent};
 use crate::web::{
-    media_type, ndjson_response, streamed_response, Line, LineFormat, LineReader, Request,
-    Response,
+    media_type, ndjson_response, streamed_response, Line, LineFormat, LineReader, Request, Response,
 };
 
 /// Events committed together during an import; each commit is durable before the next.

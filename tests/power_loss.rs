@@ -28,7 +28,12 @@ fn options() -> Options {
 }
 
 /// Runs one round; returns (numbers acknowledged, database rebuilds at the start after).
-async fn run_round(series: usize, round: usize, fail_after: Duration, presynced: bool) -> (usize, f64) {
+async fn run_round(
+    series: usize,
+    round: usize,
+    fail_after: Duration,
+    presynced: bool,
+) -> (usize, f64) {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let Some(fs) = LoopExt4::mount(&dir.path().join("fs.img"), &dir.path().join("data"), 1024)
     else {
@@ -45,7 +50,10 @@ async fn run_round(series: usize, round: usize, fail_after: Duration, presynced:
             acknowledged.lock().unwrap().push(phone);
         }
         assert!(server.terminate().success());
-        assert!(std::process::Command::new("sync").status().unwrap().success());
+        assert!(std::process::Command::new("sync")
+            .status()
+            .unwrap()
+            .success());
         server.restart();
     }
     let server = Arc::new(server);
@@ -123,7 +131,8 @@ async fn run_round(series: usize, round: usize, fail_after: Duration, presynced:
         assert_eq!(results.len(), chunk.len());
         for (phone, result) in chunk.iter().zip(results) {
             assert_eq!(
-                result["suppressed"], true,
+                result["suppressed"],
+                true,
                 "series {series} round {round}: {phone} was acknowledged and is lost:\n{}",
                 server.logs()
             );

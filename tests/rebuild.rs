@@ -106,16 +106,24 @@ async fn survives(damage: impl FnOnce(&Path)) -> (Server, f64) {
 
 fn flip_byte(file: &Path, at: usize) {
     let mut bytes = std::fs::read(file).unwrap();
-    assert!(bytes.len() > at, "{} has {} bytes", file.display(), bytes.len());
+    assert!(
+        bytes.len() > at,
+        "{} has {} bytes",
+        file.display(),
+        bytes.len()
+    );
     bytes[at] ^= 0xff;
     std::fs::write(file, bytes).unwrap();
 }
 
 #[tokio::test]
 async fn a_deleted_database_is_rebuilt_with_every_record_and_history() {
-    let (server, rebuilds) = survives(|data| std::fs::remove_dir_all(data.join("db")).unwrap()).await;
+    let (server, rebuilds) =
+        survives(|data| std::fs::remove_dir_all(data.join("db")).unwrap()).await;
     assert_eq!(rebuilds, 1.0);
-    assert!(server.logs().contains("database rebuilt from the snapshot and the log"));
+    assert!(server
+        .logs()
+        .contains("database rebuilt from the snapshot and the log"));
 }
 
 #[tokio::test]
@@ -176,7 +184,10 @@ fn newest_segment(data: &Path) -> (PathBuf, usize) {
 async fn a_torn_last_log_record_is_cut_and_the_start_succeeds() {
     let (server, _) = survives(|data| {
         let (segment, end) = newest_segment(data);
-        let file = std::fs::OpenOptions::new().write(true).open(segment).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment)
+            .unwrap();
         // A record's header and the start of its payload: a crash in the middle of an append.
         let mut torn = b"SLOG".to_vec();
         torn.extend_from_slice(&900u32.to_le_bytes());

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use super::history::{history_entries, KeyOfStoredEvent};
 use super::index::PhoneIndex;
 use super::keys::{
-    entry_order, history_key, inline_entry, phone_of_record_key, record_key, seen_key,
-    stamp_key, subject_key, Stamp,
+    entry_order, history_key, inline_entry, phone_of_record_key, record_key, seen_key, stamp_key,
+    subject_key, Stamp,
 };
 use super::record::{self, Record, Rules};
 use super::{Outcome, StoreError, StoredEvent};
@@ -174,7 +174,13 @@ impl Planner {
         let subject = subject_key(&event.subject);
         let record_key = record_key(&subject);
         let stored_record = view.get(&record_key, [mine, batch])?;
-        if has_seen(view, [mine, batch], event, &subject, stored_record.as_deref())? {
+        if has_seen(
+            view,
+            [mine, batch],
+            event,
+            &subject,
+            stored_record.as_deref(),
+        )? {
             return Ok(Outcome::Duplicate);
         }
         let mut record = match &stored_record {
@@ -369,7 +375,13 @@ mod tests {
             rules: Rules::default(),
         };
         let views = Views::new();
-        let unsub = event("+4930100001", Source::Lox24, Kind::Unsubscribe, "lox24:1", 10);
+        let unsub = event(
+            "+4930100001",
+            Source::Lox24,
+            Kind::Unsubscribe,
+            "lox24:1",
+            10,
+        );
         let mut first = Plan::starting_at(1);
         let view = View {
             tree: &tree,
@@ -394,7 +406,14 @@ mod tests {
 
         let mut stamp = Stamp::default();
         let applied = second.next_seq() - 1;
-        write(&tree, &views, &[&in_flight[0], &second], &mut stamp, applied).expect("write");
+        write(
+            &tree,
+            &views,
+            &[&in_flight[0], &second],
+            &mut stamp,
+            applied,
+        )
+        .expect("write");
         assert_eq!(
             stamp,
             Stamp {
@@ -414,10 +433,28 @@ mod tests {
             rules: Rules::default(),
         };
         let events = [
-            event("+4930100002", Source::Sendios, Kind::SmsLost, "sendios:1", 5),
-            event("+4930100002", Source::Lox24, Kind::Unsubscribe, "lox24:2", 3),
+            event(
+                "+4930100002",
+                Source::Sendios,
+                Kind::SmsLost,
+                "sendios:1",
+                5,
+            ),
+            event(
+                "+4930100002",
+                Source::Lox24,
+                Kind::Unsubscribe,
+                "lox24:2",
+                3,
+            ),
             event("+4930100002", Source::Manual, Kind::Lift, "manual:3", 7),
-            event("+4930100003", Source::Lox24, Kind::Unsubscribe, "lox24:4", 1),
+            event(
+                "+4930100003",
+                Source::Lox24,
+                Kind::Unsubscribe,
+                "lox24:4",
+                1,
+            ),
         ];
         let (_a, original) = tree();
         let mut plan = Plan::starting_at(40);
@@ -427,7 +464,14 @@ mod tests {
         };
         planner.plan(&view, &mut plan, &events).expect("plan");
         let applied = plan.next_seq() - 1;
-        write(&original, &Views::new(), &[&plan], &mut Stamp::default(), applied).expect("write");
+        write(
+            &original,
+            &Views::new(),
+            &[&plan],
+            &mut Stamp::default(),
+            applied,
+        )
+        .expect("write");
 
         let (_b, rebuilt) = tree();
         let view = View {

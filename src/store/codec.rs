@@ -57,10 +57,11 @@ pub fn put_subject(out: &mut Vec<u8>, subject: &Subject) {
 pub fn put_body(out: &mut Vec<u8>, event: &Event) {
     out.push(source_code(event.source));
     out.push(kind_code(event.kind));
-    let uuid = event
-        .event_id
-        .as_deref()
-        .and_then(|id| uuid::Uuid::try_parse(id).ok().filter(|u| is_canonical(u, id)));
+    let uuid = event.event_id.as_deref().and_then(|id| {
+        uuid::Uuid::try_parse(id)
+            .ok()
+            .filter(|u| is_canonical(u, id))
+    });
     let key_is_source_and_id = event.event_id.as_deref().is_some_and(|id| {
         event
             .idempotency_key
@@ -398,7 +399,9 @@ mod tests {
             damaged[at] ^= 0xff;
             let mut cursor = Cursor::new(&damaged);
             // Either an error or some events; never a panic.
-            let _ = (0..4).map(|_| cursor.event()).collect::<Result<Vec<_>, _>>();
+            let _ = (0..4)
+                .map(|_| cursor.event())
+                .collect::<Result<Vec<_>, _>>();
         }
     }
 }

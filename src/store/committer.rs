@@ -356,7 +356,13 @@ impl Syncer {
         }
     }
 
-    fn failed(&mut self, what: &str, requests: usize, at_stake: bool, error: &dyn std::fmt::Display) {
+    fn failed(
+        &mut self,
+        what: &str,
+        requests: usize,
+        at_stake: bool,
+        error: &dyn std::fmt::Display,
+    ) {
         self.healthy = false;
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
         self.metrics.store_write_failed();
@@ -440,7 +446,9 @@ impl Syncer {
         }
         if let Ok(database) = self.slot.get() {
             if let Err(e) = database.make_durable() {
-                tracing::error!("flushing the database at shutdown failed; the next start replays the log: {e}");
+                tracing::error!(
+                    "flushing the database at shutdown failed; the next start replays the log: {e}"
+                );
             }
         }
     }

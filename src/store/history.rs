@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use super::database::Database;
 use super::keys::{
-    history_prefix, order_of_history_key, sequence_of, split_inline_entry,
-    subject_from_key, subject_of_history_key, EntryOrder, HISTORY, RECORD,
+    history_prefix, order_of_history_key, sequence_of, split_inline_entry, subject_from_key,
+    subject_of_history_key, EntryOrder, HISTORY, RECORD,
 };
 use super::record::{self, CorruptRecord};
 use super::snapshot::SubjectHistory;
@@ -55,6 +55,9 @@ fn carried_entry<T: serde::de::DeserializeOwned>(
     Ok(Some((order, parse_entry(json)?)))
 }
 
+/// A subject and its history entries, each with its sequence number, in arrival order.
+pub type NumberedHistory = (Subject, Vec<(u64, StoredEvent)>);
+
 /// `(subject, its entries numbered below a sequence, each with its number, in arrival order)`
 /// for every subject in key order.
 pub struct Histories {
@@ -79,7 +82,7 @@ impl Histories {
     }
 
     /// The next subject in key order, from whichever scan is at it, and its entries from both.
-    fn next_subject(&mut self) -> Result<Option<(Subject, Vec<(u64, StoredEvent)>)>, StoreError> {
+    fn next_subject(&mut self) -> Result<Option<NumberedHistory>, StoreError> {
         let at_record = peek_key(&mut self.records)?.map(|key| key[1..].to_vec());
         let at_history = match peek_key(&mut self.history)? {
             Some(key) => Some(subject_of_history_key(key)?.to_vec()),
@@ -130,7 +133,7 @@ impl Histories {
 }
 
 impl Iterator for Histories {
-    type Item = Result<(Subject, Vec<(u64, StoredEvent)>), StoreError>;
+    type Item = Result<NumberedHistory, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {

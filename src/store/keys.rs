@@ -98,7 +98,10 @@ pub fn subject_from_key(key: &[u8]) -> Option<Subject> {
 fn length_prefixed(bytes: &[u8]) -> Option<(String, &[u8])> {
     let len = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
     let part = bytes.get(2..2 + len)?;
-    Some((String::from_utf8(part.to_vec()).ok()?, bytes.get(2 + len..)?))
+    Some((
+        String::from_utf8(part.to_vec()).ok()?,
+        bytes.get(2 + len..)?,
+    ))
 }
 
 pub fn tagged(tag: u8, rest: &[u8], capacity: usize) -> Vec<u8> {

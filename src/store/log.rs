@@ -531,7 +531,10 @@ fn intact_record_after(bytes: &[u8], offset: usize) -> Option<usize> {
 
 /// Overwrites a torn tail with zeros, up to its last non-zero byte, and syncs it.
 fn cut_torn_tail(path: &Path, bytes: &[u8], offset: usize) -> Result<TornTail, FileError> {
-    let last = bytes.iter().rposition(|&b| b != 0).map_or(offset, |i| i + 1);
+    let last = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(offset, |i| i + 1);
     let len = last.saturating_sub(offset);
     let file = OpenOptions::new()
         .write(true)
@@ -714,7 +717,10 @@ mod tests {
 
         std::fs::remove_file(&segments[1]).expect("remove");
         let refused = Log::open(dir.path(), 1, SMALL).err().expect("refused");
-        assert!(refused.to_string().contains("next segment starts"), "{refused}");
+        assert!(
+            refused.to_string().contains("next segment starts"),
+            "{refused}"
+        );
     }
 
     #[test]

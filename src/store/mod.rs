@@ -122,7 +122,11 @@ pub enum StoreError {
 impl From<FileError> for StoreError {
     fn from(error: FileError) -> StoreError {
         match error {
-            FileError::Corrupt { file, offset, detail } => StoreError::Corrupt {
+            FileError::Corrupt {
+                file,
+                offset,
+                detail,
+            } => StoreError::Corrupt {
                 path: file,
                 detail: format!("at byte {offset}: {detail}"),
             },
@@ -142,7 +146,10 @@ impl Iterator for Snapshot {
     fn next(&mut self) -> Option<Self::Item> {
         let next = self.histories.next()?;
         Some(next.map(|(subject, events)| {
-            (subject, events.into_iter().map(|(_, event)| event).collect())
+            (
+                subject,
+                events.into_iter().map(|(_, event)| event).collect(),
+            )
         }))
     }
 }
@@ -323,7 +330,9 @@ impl Store {
         answer
             .await
             .map_err(|_| StoreError::Closed)?
-            .ok_or_else(|| StoreError::Unavailable("the store is down after a storage failure".into()))
+            .ok_or_else(|| {
+                StoreError::Unavailable("the store is down after a storage failure".into())
+            })
     }
 
     /// A subject's stored record bytes (see [`record::reasons_json`]), `None` if never seen.
@@ -430,7 +439,11 @@ impl Store {
 
     /// How many phones and accounts are suppressed now.
     pub fn suppressed_counts(&self) -> (u64, u64) {
-        let accounts = self.views.suppressed_accounts.load(Ordering::Relaxed).max(0);
+        let accounts = self
+            .views
+            .suppressed_accounts
+            .load(Ordering::Relaxed)
+            .max(0);
         (self.views.phones.len() as u64, accounts.unsigned_abs())
     }
 
@@ -624,5 +637,4 @@ mod tests {
         );
         store.close(Duration::from_secs(10)).await;
     }
-
 }

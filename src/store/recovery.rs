@@ -235,7 +235,10 @@ fn catch_up(
     let mut stamp = stamp;
     let replayed = replay_log(database, log, stamp.applied + 1, planner, &mut stamp)?;
     if replayed > 0 {
-        tracing::info!(events = replayed, "replayed the log's tail into the database");
+        tracing::info!(
+            events = replayed,
+            "replayed the log's tail into the database"
+        );
     }
     Ok(match build_views(database, views, &stamp)? {
         Ok(()) => CatchUp::Done(stamp),
@@ -361,7 +364,10 @@ fn rebuild(
             break;
         }
         if let Err(e) = snapshot::Reader::open(&file.path).and_then(snapshot::Reader::verify) {
-            tracing::error!("snapshot {} is damaged, trying an older one: {e}", file.path.display());
+            tracing::error!(
+                "snapshot {} is damaged, trying an older one: {e}",
+                file.path.display()
+            );
             damaged.get_or_insert(e);
             continue;
         }

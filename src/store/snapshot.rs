@@ -94,7 +94,7 @@ fn list_and_tidy_if(dir: &Path, tidy: bool) -> Result<Vec<SnapshotFile>, FileErr
         };
         found.push(SnapshotFile { next_seq, path });
     }
-    found.sort_by(|a, b| b.next_seq.cmp(&a.next_seq));
+    found.sort_by_key(|s| std::cmp::Reverse(s.next_seq));
     Ok(found)
 }
 
@@ -216,7 +216,9 @@ impl Reader {
         input
             .read_exact(&mut header)
             .map_err(|_| corrupt(path, 0, "shorter than a snapshot header"))?;
-        if header[..16] != MAGIC[..] || crc32fast::hash(&header[..44]).to_le_bytes()[..] != header[44..] {
+        if header[..16] != MAGIC[..]
+            || crc32fast::hash(&header[..44]).to_le_bytes()[..] != header[44..]
+        {
             return Err(corrupt(path, 0, "its header is not a snapshot's"));
         }
         if header[16..20] != FORMAT_VERSION.to_le_bytes() {
@@ -342,7 +344,10 @@ impl Reader {
         if let Some(&(seq, _)) = entries.iter().find(|(seq, _)| *seq >= self.next_seq) {
             return Err(self.damage(
                 frame_offset + self.at as u64,
-                format!("an entry numbered {seq}, not below the snapshot's {}", self.next_seq),
+                format!(
+                    "an entry numbered {seq}, not below the snapshot's {}",
+                    self.next_seq
+                ),
             ));
         }
         self.at += cursor.position();
@@ -416,15 +421,24 @@ mod tests {
     fn a_snapshot_reads_back_what_was_written_across_frames() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, written) = write_many(dir.path(), 30_000);
-        assert_eq!(list(dir.path()).expect("list"), [file.clone()]);
+        assert_eq!(list(dir.path()).expect("list"), std::slice::from_ref(&file));
         let reader = Reader::open(&file.path).expect("open");
         assert_eq!(reader.next_seq, 300_010);
         let read: Vec<SubjectHistory> = reader.map(|s| s.expect("intact")).collect();
         assert_eq!(read.len(), 30_000);
-        assert!(read.iter().enumerate().all(|(n, s)| *s == history(n as u64)));
-        let verified = Reader::open(&file.path).expect("open").verify().expect("verify");
+        assert!(read
+            .iter()
+            .enumerate()
+            .all(|(n, s)| *s == history(n as u64)));
+        let verified = Reader::open(&file.path)
+            .expect("open")
+            .verify()
+            .expect("verify");
         assert_eq!(verified, written);
-        assert_eq!(verified.bytes, std::fs::metadata(&file.path).expect("meta").len());
+        assert_eq!(
+            verified.bytes,
+            std::fs::metadata(&file.path).expect("meta").len()
+        );
     }
 
     #[test]
@@ -432,7 +446,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, _) = write_many(dir.path(), 30_000);
         let intact = std::fs::read(&file.path).expect("read");
-        for at in [3, 50, 60, intact.len() / 2, intact.len() - 30, intact.len() - 2] {
+        for at in [
+            3,
+            50,
+            60,
+            intact.len() / 2,
+            intact.len() - 30,
+            intact.len() - 2,
+        ] {
             let mut damaged = intact.clone();
             damaged[at] ^= 0x40;
             std::fs::write(&file.path, &damaged).expect("write");
@@ -451,7 +472,12 @@ mod tests {
     #[test]
     fn an_abandoned_write_leaves_no_snapshot() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let abandoned = write::<FileError>(dir.path(), 1_000_000, (0..30_000).map(|n| Ok(history(n))), || false);
+        let abandoned = write::<FileError>(
+            dir.path(),
+            1_000_000,
+            (0..30_000).map(|n| Ok(history(n))),
+            || false,
+        );
         assert!(abandoned.is_err());
         assert_eq!(list(dir.path()).expect("list"), []);
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);

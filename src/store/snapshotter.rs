@@ -90,14 +90,12 @@ impl Snapshotter {
 
     /// Starts a snapshot when one is due, and finishes one that is done. `below` is the
     /// sequence sled holds everything below now.
-    pub fn tend(
-        &mut self,
-        database: &Arc<Database>,
-        log: &mut Log,
-        below: u64,
-        metrics: &Metrics,
-    ) {
-        if self.job.as_ref().is_some_and(|job| job.thread.is_finished()) {
+    pub fn tend(&mut self, database: &Arc<Database>, log: &mut Log, below: u64, metrics: &Metrics) {
+        if self
+            .job
+            .as_ref()
+            .is_some_and(|job| job.thread.is_finished())
+        {
             if let Some(job) = self.job.take() {
                 self.finish(job, database, log, metrics);
             }
@@ -125,7 +123,8 @@ impl Snapshotter {
             .name("store-snapshot".into())
             .spawn(move || {
                 let started = Instant::now();
-                let written = write_verified(database, &dir, below, || !stop.load(Ordering::Relaxed))?;
+                let written =
+                    write_verified(database, &dir, below, || !stop.load(Ordering::Relaxed))?;
                 tracing::info!(
                     subjects = written.1.subjects,
                     events = written.1.entries,
@@ -157,7 +156,9 @@ impl Snapshotter {
     fn finish(&mut self, job: Job, database: &Database, log: &mut Log, metrics: &Metrics) {
         let result = match job.thread.join() {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable("the snapshot thread panicked".into())),
+            Err(_) => Err(StoreError::Unavailable(
+                "the snapshot thread panicked".into(),
+            )),
         };
         let done = result.and_then(|(file, _)| {
             database.make_durable()?;
@@ -169,11 +170,16 @@ impl Snapshotter {
             Ok(removed) => {
                 metrics.snapshot_written();
                 if removed > 0 {
-                    tracing::info!(segments = removed, "log segments covered by the snapshot removed");
+                    tracing::info!(
+                        segments = removed,
+                        "log segments covered by the snapshot removed"
+                    );
                 }
             }
             Err(e) => {
-                tracing::error!("snapshot failed; the log is kept whole and it is tried again later: {e}");
+                tracing::error!(
+                    "snapshot failed; the log is kept whole and it is tried again later: {e}"
+                );
                 self.not_before = Some(Instant::now() + RETRY);
                 self.events_since = self.events_since.max(1);
             }
