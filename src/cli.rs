@@ -227,8 +227,10 @@ pub struct ServeArgs {
     )]
     pub log_segment_mb: u64,
 
-    /// Write a snapshot of the list once the log has grown by this many MiB since the last one.
-    /// Log segments a snapshot covers are then removed, which bounds the disk the log takes.
+    /// Write a snapshot of the list once the log has grown by this many MiB since the last one
+    /// (and by at least that snapshot's size, so that rewriting a large list stays proportional
+    /// to what arrived). Log segments a snapshot covers are then removed, which bounds the disk
+    /// the log takes.
     #[arg(
         long,
         env = "SUPPRESSD_SNAPSHOT_EVERY_MB",
@@ -238,7 +240,8 @@ pub struct ServeArgs {
     )]
     pub snapshot_every_mb: u64,
 
-    /// Write a snapshot once this many events were logged since the last one.
+    /// Write a snapshot once this many events were logged since the last one (and the log since
+    /// is at least as large as that snapshot).
     #[arg(
         long,
         env = "SUPPRESSD_SNAPSHOT_EVERY_EVENTS",

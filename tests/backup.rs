@@ -84,12 +84,19 @@ async fn a_backup_taken_under_load_restores_every_number_acknowledged_before_it_
             .await
             .json();
         for (phone, result) in chunk.iter().zip(checked["results"].as_array().unwrap()) {
-            assert_eq!(result["suppressed"], true, "{phone} is missing from the copy");
+            assert_eq!(
+                result["suppressed"], true,
+                "{phone} is missing from the copy"
+            );
         }
     }
-    let history = restored.get(&format!("/v1/phones/{}/history", before[0])).await;
+    let history = restored
+        .get(&format!("/v1/phones/{}/history", before[0]))
+        .await;
     assert_eq!(history.json()["events"].as_array().unwrap().len(), 1);
-    assert!(restored.logs().contains("database rebuilt from the snapshot and the log"));
+    assert!(restored
+        .logs()
+        .contains("database rebuilt from the snapshot and the log"));
     eprintln!(
         "backup under load: {} numbers acknowledged before it began, all restored; {stdout}",
         before.len()

@@ -225,3 +225,98 @@ async fn a_damaged_log_record_before_the_tail_refuses_the_start_naming_file_and_
     assert!(line.contains(&segment.display().to_string()), "{line}");
     assert!(line.contains("at byte 32"), "{line}");
 }
+
+fn segments(data: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(data.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Snapshots bound the log: once one is verified, the segments it covers are gone, and a
+/// database deleted afterwards is rebuilt from the snapshot and what the log still holds.
+#[tokio::test]
+async fn a_verified_snapshot_replaces_the_segments_it_covers_and_rebuilds_the_list() {
+    let mut server = Server::start(Options {
+        extra: vec![
+            "--log-segment-mb".into(),
+            "1".into(),
+            "--snapshot-every-events".into(),
+            "50000".into(),
+        ],
+        ..Options::default()
+    });
+    let mut all = Vec::new();
+    for batch in 0..3 {
+        let list: Vec<String> = (0..20_000).map(|i| format!("+4930{batch}{i:07}")).collect();
+        let imported = server
+            .api_with(
+                "POST",
+                "/v1/import",
+                &[("content-type", "text/plain")],
+                list.join("\n"),
+            )
+            .await;
+        assert_eq!(imported.status, 200, "{}", imported.text);
+        all.extend(list);
+    }
+    let first_segment = segments(&server.data_dir)[0].clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.metric("suppressd_store_snapshots_total").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        !first_segment.exists(),
+        "the first segment is covered and removed: {:?}",
+        segments(&server.data_dir)
+    );
+    assert!(server.metric("suppressd_store_snapshot_bytes").await > 0.0);
+    let one = format!("/v1/phones/{}", all[0]);
+    let before = (
+        server.get("/v1/export").await.text,
+        server.get(&format!("{one}/history")).await.text,
+    );
+
+    // Events after the snapshot are in the log only.
+    let late = lox24_event(
+        "7eb2ffff-0000-4000-8000-000000000000",
+        "+4930777999",
+        1_700_000_000,
+    );
+    assert_eq!(server.lox24(late).await.status, 200);
+    assert!(server.terminate().success());
+    std::fs::remove_dir_all(server.data_dir.join("db")).unwrap();
+    if let Err((status, logs)) = server.try_restart() {
+        panic!("refused ({status:?}):\n{logs}");
+    }
+    assert!(server
+        .logs()
+        .contains("the snapshot is in the rebuilt database"));
+    let late_record = server.get("/v1/phones/+4930777999").await.json();
+    assert_eq!(late_record["suppressed"], true);
+    for chunk in all.chunks(10_000) {
+        let checked = server
+            .api("POST", "/v1/check", json!({ "phones": chunk }).to_string())
+            .await
+            .json();
+        for (phone, result) in chunk.iter().zip(checked["results"].as_array().unwrap()) {
+            assert_eq!(result["suppressed"], true, "{phone}");
+        }
+    }
+    let export = server.get("/v1/export").await.text;
+    let without_late: Vec<&str> = export
+        .lines()
+        .filter(|l| !l.contains("+4930777999"))
+        .collect();
+    assert_eq!(without_late, before.0.lines().collect::<Vec<_>>());
+    assert_eq!(export.lines().count(), before.0.lines().count() + 1);
+    assert_eq!(server.get(&format!("{one}/history")).await.text, before.1);
+}

@@ -110,7 +110,7 @@ pub(super) fn spawn(
     } = opened;
     slot.install(database);
     let syncer = Syncer {
-        snapshots: Snapshotter::new(&config, snapshot_seq, log.next_seq()),
+        snapshots: Snapshotter::new(&config, snapshot_seq, &log),
         planner: Planner {
             rules: planner.rules,
         },
@@ -416,7 +416,7 @@ impl Syncer {
         match recovery::open(&self.config, &self.planner, &self.views, &self.metrics) {
             Ok(opened) => {
                 let next_seq = opened.log.next_seq();
-                self.snapshots = Snapshotter::new(&self.config, opened.snapshot_seq, next_seq);
+                self.snapshots = Snapshotter::new(&self.config, opened.snapshot_seq, &opened.log);
                 self.log = Some(opened.log);
                 self.stamp = opened.stamp;
                 // Published before the database is back, so that the committer, which waits

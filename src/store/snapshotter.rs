@@ -1,8 +1,10 @@
 //! When a snapshot is due, writing it in the background, and what its verification allows.
 //!
-//! A snapshot is due once enough events, log bytes or time have gone by since the last one
-//! (`--snapshot-every-events`, `--snapshot-every-mb`, `--snapshot-every-seconds`) and there is
-//! anything new. It is written from a scan of sled filtered to the events numbered below what
+//! A snapshot is due once enough events or log bytes have gone by since the last one
+//! (`--snapshot-every-events`, `--snapshot-every-mb`) and the log since is at least as large as
+//! the newest snapshot, or once `--snapshot-every-seconds` have passed, if anything is new. The
+//! size rule keeps the cost of rewriting the whole list proportional to what arrived: a
+//! 10,000,000-number list is not rewritten after every million events. It is written from a scan of sled filtered to the events numbered below what
 //! sled held when it began (history entries never change, so that is a consistent picture while
 //! writes go on), on a thread of its own so that commits do not wait for it. Once it has been
 //! read back whole: sled is made durable on its own (so that a start does not need the segments
@@ -66,18 +68,35 @@ pub(super) struct Snapshotter {
     /// Events and log bytes since the newest snapshot, and when it was written.
     events_since: u64,
     bytes_at_last: u64,
+    /// Log bytes from before this log was opened that the newest snapshot does not cover, as far
+    /// as the segments' sizes tell.
+    bytes_before_open: u64,
+    newest_bytes: u64,
     last: Instant,
     job: Option<Job>,
     not_before: Option<Instant>,
 }
 
 impl Snapshotter {
-    pub fn new(config: &StoreConfig, snapshot_seq: u64, log_next: u64) -> Snapshotter {
+    pub fn new(config: &StoreConfig, snapshot_seq: u64, log: &Log) -> Snapshotter {
+        let dir = snapshot_dir(config);
+        let newest_bytes = snapshot::list(&dir)
+            .ok()
+            .and_then(|files| files.first().cloned())
+            .and_then(|file| std::fs::metadata(file.path).ok())
+            .map_or(0, |m| m.len());
+        let events_since = log.next_seq().saturating_sub(snapshot_seq);
         Snapshotter {
-            dir: snapshot_dir(config),
+            dir,
             policy: config.snapshots,
-            events_since: log_next.saturating_sub(snapshot_seq),
+            events_since,
             bytes_at_last: 0,
+            bytes_before_open: if events_since > 0 {
+                log.size_on_disk()
+            } else {
+                0
+            },
+            newest_bytes,
             last: Instant::now(),
             job: None,
             not_before: None,
@@ -110,9 +129,10 @@ impl Snapshotter {
         if self.events_since == 0 || self.not_before.is_some_and(|t| Instant::now() < t) {
             return false;
         }
-        self.events_since >= self.policy.every_events
-            || log.appended_bytes() - self.bytes_at_last >= self.policy.every_bytes
-            || self.last.elapsed() >= self.policy.every
+        let bytes_since = self.bytes_before_open + log.appended_bytes() - self.bytes_at_last;
+        let grown =
+            self.events_since >= self.policy.every_events || bytes_since >= self.policy.every_bytes;
+        (grown && bytes_since >= self.newest_bytes) || self.last.elapsed() >= self.policy.every
     }
 
     fn start(&mut self, database: Arc<Database>, below: u64, log_bytes: u64) {
@@ -144,6 +164,7 @@ impl Snapshotter {
                 // Counted from the snapshot's start: what arrives meanwhile is not in it.
                 self.events_since = 0;
                 self.bytes_at_last = log_bytes;
+                self.bytes_before_open = 0;
                 self.last = Instant::now();
             }
             Err(e) => {
@@ -160,7 +181,8 @@ impl Snapshotter {
                 "the snapshot thread panicked".into(),
             )),
         };
-        let done = result.and_then(|(file, _)| {
+        let done = result.and_then(|(file, summary)| {
+            self.newest_bytes = summary.bytes;
             database.make_durable()?;
             let removed = log.remove_before(job.below)?;
             self.remove_older_than(&file)?;
