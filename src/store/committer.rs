@@ -193,7 +193,7 @@ fn run_committer(
         let batch = match database {
             Ok(database) => {
                 let view = View {
-                    tree: &database.tree,
+                    tree: Some(&database.tree),
                     in_flight: &in_flight,
                 };
                 let mut plan = Plan::starting_at(next_seq);

@@ -261,7 +261,7 @@ fn replay_log(
     log.replay_from(from, |events| -> Result<(), StoreError> {
         for (seq, event) in events {
             let view = View {
-                tree: &database.tree,
+                tree: Some(&database.tree),
                 in_flight: &[],
             };
             planner.replay(&view, &mut plan, seq, &event)?;
@@ -371,24 +371,7 @@ fn rebuild(
             damaged.get_or_insert(e);
             continue;
         }
-        let mut plan = Plan::default();
-        let mut subjects = 0u64;
-        for subject in snapshot::Reader::open(&file.path)? {
-            let (_, events) = subject?;
-            for (seq, event) in &events {
-                let view = View {
-                    tree: &database.tree,
-                    in_flight: &[],
-                };
-                planner.replay(&view, &mut plan, *seq, event)?;
-            }
-            subjects += 1;
-            if plan.writes_len() >= REPLAY_BATCH {
-                apply::write_unstamped(&database.tree, &views, &plan, &mut stamp)?;
-                plan = Plan::default();
-            }
-        }
-        apply::write_unstamped(&database.tree, &views, &plan, &mut stamp)?;
+        let subjects = replay_snapshot(database, &file.path, planner, &mut stamp)?;
         tracing::info!(
             subjects,
             file = %file.path.display(),
@@ -411,6 +394,58 @@ fn rebuild(
     )?;
     replay_log(database, log, from, planner, &mut stamp)?;
     Ok(stamp)
+}
+
+/// Replays a verified snapshot into the empty `database`, unstamped, in two threads: one reads
+/// and plans (against an empty tree: see [`View::tree`]), the other writes to sled, which is the
+/// slower half. Returns how many subjects it held.
+fn replay_snapshot(
+    database: &Database,
+    path: &Path,
+    planner: &Planner,
+    stamp: &mut Stamp,
+) -> Result<u64, StoreError> {
+    let views = Views::new();
+    let (plans, planned) = std::sync::mpsc::sync_channel::<Plan>(4);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<u64, StoreError> {
+            let view = View {
+                tree: None,
+                in_flight: &[],
+            };
+            let mut plan = Plan::default();
+            let mut subjects = 0u64;
+            for subject in snapshot::Reader::open(path)? {
+                let (_, events) = subject?;
+                for (seq, event) in &events {
+                    planner.replay(&view, &mut plan, *seq, event)?;
+                }
+                subjects += 1;
+                if plan.writes_len() >= REPLAY_BATCH
+                    && plans.send(std::mem::take(&mut plan)).is_err()
+                {
+                    // The writer stopped on an error, which it reports.
+                    return Ok(subjects);
+                }
+            }
+            let _ = plans.send(plan);
+            Ok(subjects)
+        });
+        let mut written = Ok(());
+        for plan in planned.iter() {
+            written = apply::write_unstamped(&database.tree, &views, &plan, stamp);
+            if written.is_err() {
+                break;
+            }
+        }
+        // Ends the reader if it is still sending.
+        drop(planned);
+        let subjects = reader
+            .join()
+            .map_err(|_| StoreError::Unavailable("the rebuild's reader panicked".into()))??;
+        written?;
+        Ok(subjects)
+    })
 }
 
 /// Moves a data directory written before the log existed onto the log: replays its old
@@ -442,7 +477,7 @@ fn migrate_legacy(config: &StoreConfig, planner: &Planner) -> Result<(), StoreEr
     let mut plan = Plan::starting_at(database.db.generate_id()? + 1);
     for events in &batches {
         let view = View {
-            tree: &database.tree,
+            tree: Some(&database.tree),
             in_flight: &[],
         };
         planner.plan(&view, &mut plan, events)?;
