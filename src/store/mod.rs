@@ -198,6 +198,18 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    pub(crate) fn log_dir(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    pub(crate) fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    pub(crate) fn sled_dir(&self) -> PathBuf {
+        self.dir.join("db")
+    }
+
     /// The defaults for everything but where the data lives.
     pub fn new(dir: PathBuf) -> StoreConfig {
         StoreConfig {

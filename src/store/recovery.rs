@@ -44,18 +44,6 @@ pub(super) struct Opened {
     pub snapshot_seq: u64,
 }
 
-pub(super) fn log_dir(config: &StoreConfig) -> PathBuf {
-    config.dir.join("log")
-}
-
-pub(super) fn snapshot_dir(config: &StoreConfig) -> PathBuf {
-    config.dir.join("snapshots")
-}
-
-fn sled_dir(config: &StoreConfig) -> PathBuf {
-    config.dir.join("db")
-}
-
 /// Opens the store in `config.dir` and fills `views` from it.
 pub(super) fn open(
     config: &StoreConfig,
@@ -67,12 +55,12 @@ pub(super) fn open(
         path: config.dir.clone(),
         source,
     })?;
-    if !log_dir(config).exists() {
+    if !config.log_dir().exists() {
         migrate_legacy(config, planner)?;
     }
-    let snapshots = snapshot::list_and_tidy(&snapshot_dir(config))?;
+    let snapshots = snapshot::list_and_tidy(&config.snapshot_dir())?;
     let snapshot_seq = snapshots.first().map_or(1, |s| s.next_seq);
-    let (log, torn) = Log::open(&log_dir(config), snapshot_seq, config.segment_bytes)?;
+    let (log, torn) = Log::open(&config.log_dir(), snapshot_seq, config.segment_bytes)?;
     if let Some(torn) = torn {
         tracing::warn!(
             file = %torn.file.display(),
@@ -115,7 +103,7 @@ pub(super) fn open(
     build_views(&database, views, &stamp).and_then(|built| match built {
         Ok(()) => Ok(()),
         Err(why) => Err(StoreError::Corrupt {
-            path: sled_dir(config),
+            path: config.sled_dir(),
             detail: format!("the rebuilt database does not add up: {why}"),
         }),
     })?;
@@ -173,7 +161,7 @@ fn log_dir_of(log: &Log) -> PathBuf {
 }
 
 fn open_sled(config: &StoreConfig) -> Result<Database, StoreError> {
-    let dir = sled_dir(config);
+    let dir = config.sled_dir();
     std::fs::create_dir_all(&dir).map_err(|source| StoreError::Open {
         path: dir.clone(),
         source,
@@ -319,7 +307,7 @@ fn build_views(
 
 /// Moves sled's directory to `db.broken-<unix time>`, removing an older one.
 fn move_aside(config: &StoreConfig) -> Result<(), StoreError> {
-    let dir = sled_dir(config);
+    let dir = config.sled_dir();
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| StoreError::Open { path, source }
@@ -453,13 +441,13 @@ fn replay_snapshot(
 /// after it. Each step can be redone if a crash interrupts the next.
 fn migrate_legacy(config: &StoreConfig, planner: &Planner) -> Result<(), StoreError> {
     let wal = config.dir.join("wal");
-    let sled_log = sled_dir(config).join("db");
+    let sled_log = config.sled_dir().join("db");
     if !wal.exists() && !sled_log.exists() {
         return Ok(());
     }
     if !sled_log.exists() {
         return Err(StoreError::Corrupt {
-            path: sled_dir(config),
+            path: config.sled_dir(),
             detail: format!(
                 "its log file {} is missing, but {} shows this data directory held a database, and there is no log to rebuild it from",
                 sled_log.display(),
@@ -498,11 +486,11 @@ fn migrate_legacy(config: &StoreConfig, planner: &Planner) -> Result<(), StoreEr
     database.make_durable()?;
     let (_, summary) = write_verified(
         std::sync::Arc::new(database),
-        &snapshot_dir(config),
+        &config.snapshot_dir(),
         next_seq,
         || true,
     )?;
-    Log::open(&log_dir(config), next_seq, config.segment_bytes)?;
+    Log::open(&config.log_dir(), next_seq, config.segment_bytes)?;
     if wal.exists() {
         std::fs::remove_file(&wal).map_err(io_error(&wal))?;
         sync_dir(&config.dir).map_err(io_error(&config.dir))?;

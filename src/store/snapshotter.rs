@@ -20,7 +20,6 @@ use super::database::Database;
 use super::files::{io_error, sync_dir};
 use super::history::Histories;
 use super::log::Log;
-use super::recovery::snapshot_dir;
 use super::snapshot::{self, SnapshotFile, Summary};
 use super::{StoreConfig, StoreError};
 use crate::metrics::Metrics;
@@ -79,7 +78,7 @@ pub(super) struct Snapshotter {
 
 impl Snapshotter {
     pub fn new(config: &StoreConfig, snapshot_seq: u64, log: &Log) -> Snapshotter {
-        let dir = snapshot_dir(config);
+        let dir = config.snapshot_dir();
         let newest_bytes = snapshot::list(&dir)
             .ok()
             .and_then(|files| files.first().cloned())
