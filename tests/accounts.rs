@@ -15,7 +15,7 @@ const SCOPE_PATH: &str = "tencent:%40TOA%23_test_OA_for_penn";
 /// The Tencent page's sample request with its `//` comments removed.
 fn tencent_sample() -> String {
     let sample = seed_example(
-        "../shared/seeds/002_6dae25a61c1bceb1.txt",
+        "tests/fixtures/tencent-after-delete-subscriber.txt",
         "{\n    \"CallbackCommand\"",
         "Request fields",
     );
@@ -33,7 +33,7 @@ fn tencent_sample() -> String {
 fn sendios_samples() -> Vec<Value> {
     let page = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/seeds/003_e2cd4779337d2ec3.txt"),
+            .join("tests/fixtures/sendios-sms-events-uk.txt"),
     )
     .unwrap();
     page.split("{  \n  \"0\": {")

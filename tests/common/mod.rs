@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 pub const SECRET: &str = "lox24-test-secret";
 pub const SENDIOS_SECRET: &str = "sendios-test-secret";
 pub const TENCENT_APP: &str = "1400000000";
-pub const SEED_EXAMPLE_FILE: &str = "../shared/seeds/001_e6d44ce32de44f9e.txt";
+pub const SEED_EXAMPLE_FILE: &str = "tests/fixtures/lox24-unsubscribe-en.txt";
 
 /// The current Unix time in seconds.
 pub fn now() -> i64 {
