@@ -84,23 +84,46 @@ async fn every_acknowledgement_follows_an_fdatasync_of_the_log() {
     // the log's preallocation at start.
     let first_contact = lines.iter().position(|l| l.contains(&local)).unwrap();
 
-    // A completed log sync: the whole call, or its "resumed" half when another thread's call
-    // was printed in between.
+    // strace prints a call that another thread interrupts as "<unfinished ...>" and its end as
+    // "<... call resumed>" on a later line; the resumed half names no file, so each line is
+    // judged by the call its thread started, and a call counts where it completes.
     let wal = "/data/log/";
-    let completed_sync = |line: &str| {
-        let done = line.contains("= 0");
-        (call_of(line).starts_with("fdatasync(") && line.contains(wal) && done)
-            || (line.contains("<... fdatasync resumed>") && done)
+    let mut started: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let calls: Vec<&str> = lines
+        .iter()
+        .map(|line| {
+            let tid = thread_of(line);
+            if line.contains("resumed>") {
+                started.remove(tid).unwrap_or(line)
+            } else {
+                if line.contains("<unfinished ...>") {
+                    started.insert(tid, call_of(line));
+                }
+                call_of(line)
+            }
+        })
+        .collect();
+    let finished = |index: usize| !lines[index].contains("<unfinished ...>");
+    let wal_write = |index: usize| {
+        let call = calls[index];
+        ["pwrite64(", "write(", "writev("]
+            .iter()
+            .any(|name| call.starts_with(name))
+            && call.contains(wal)
+            && finished(index)
     };
-    let wal_write = |line: &str| {
-        (line.contains("pwrite64(") || line.contains("write(") || line.contains("writev("))
-            && line.contains(wal)
+    let completed_sync = |index: usize| {
+        let call = calls[index];
+        call.starts_with("fdatasync(")
+            && call.contains(wal)
+            && finished(index)
+            && lines[index].contains("= 0")
     };
     let mut previous = first_contact;
     for (n, &response) in responses.iter().enumerate() {
         let window = &lines[previous..response];
-        let write_at = window.iter().position(|l| wal_write(l));
-        let sync_at = window.iter().rposition(|l| completed_sync(l));
+        let write_at = (previous..response).position(wal_write);
+        let sync_at = (previous..response).rposition(completed_sync);
         match (write_at, sync_at) {
             (Some(write), Some(sync)) if write < sync => {}
             _ => panic!(
@@ -110,6 +133,11 @@ async fn every_acknowledgement_follows_an_fdatasync_of_the_log() {
         }
         previous = response + 1;
     }
+}
+
+/// The thread id `strace -f` puts in front of a line.
+fn thread_of(line: &str) -> &str {
+    line.split_whitespace().next().unwrap_or("")
 }
 
 /// A line without the thread id `strace -f` puts in front: `1234  fdatasync(…` → `fdatasync(…`.
