@@ -29,19 +29,31 @@ pub struct Cli {
     )]
     pub api_token_file: Option<PathBuf>,
 
-    /// Base URL of a running server's API, for the client commands.
-    #[arg(
-        long,
-        global = true,
-        env = "SUPPRESSD_API",
-        value_name = "URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub api: String,
+    /// Base URL of a running server's API, for the client commands [default:
+    /// http://127.0.0.1:8080; env SUPPRESSD_API is read too if SUPPRESSD_API_URL is unset]
+    #[arg(long, global = true, env = "SUPPRESSD_API_URL", value_name = "URL")]
+    pub api: Option<String>,
 
     /// Client commands print the API's JSON instead of a sentence.
     #[arg(long, global = true, env = "SUPPRESSD_JSON")]
     pub json: bool,
+}
+
+/// Where the client commands find the API when no `--api` is given.
+pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8080";
+
+impl Cli {
+    /// `--api`, else `SUPPRESSD_API_URL`, else the older name `SUPPRESSD_API`, else the default.
+    pub fn api_url(&self) -> String {
+        self.api
+            .clone()
+            .or_else(|| {
+                std::env::var("SUPPRESSD_API")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+            })
+            .unwrap_or_else(|| DEFAULT_API_URL.to_owned())
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -102,19 +102,56 @@ fn describe(record: &Value) -> String {
             reasons
                 .iter()
                 .map(|r| {
-                    format!(
+                    let mut reason = format!(
                         "{} {}",
                         r["source"].as_str().unwrap_or("?"),
                         r["kind"].as_str().unwrap_or("?")
-                    )
+                    );
+                    // An operator's own words say more than "manual suppress".
+                    for said in ["reason", "note"] {
+                        if let Some(text) = r["details"][said].as_str() {
+                            reason.push_str(&format!(" ({said}: {text})"));
+                        }
+                    }
+                    reason
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let since = match record["since"].as_i64() {
+        Some(secs) => format!("{} ({secs} Unix time)", iso8601_utc(secs)),
+        None => "an unknown time".to_owned(),
+    };
     format!(
-        "{subject}: suppressed since {} (Unix time) — {}",
-        record["since"],
+        "{subject}: suppressed since {since} — {}",
         reasons.join(", ")
+    )
+}
+
+/// `2026-12-06T04:06:26Z` for Unix seconds (the proleptic Gregorian calendar, days from
+/// 1970-01-01 turned into a date by Howard Hinnant's `civil_from_days`).
+fn iso8601_utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let of_day = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        of_day / 3_600,
+        of_day % 3_600 / 60,
+        of_day % 60
     )
 }
 
@@ -126,11 +163,9 @@ struct Api {
 
 impl Api {
     fn new(cli: &Cli) -> Result<Api, String> {
-        let rest = cli.api.strip_prefix("http://").ok_or_else(|| {
-            format!(
-                "--api {:?} must be an http:// URL (the local API is plain HTTP)",
-                cli.api
-            )
+        let url = cli.api_url();
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            format!("--api {url:?} must be an http:// URL (the local API is plain HTTP)")
         })?;
         let (authority, prefix) = match rest.find('/') {
             Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
@@ -175,7 +210,7 @@ impl Api {
         method: Method,
         path: &str,
         content_type: Option<&'static str>,
-        body: crate::web::Body,
+        body: crate::response::Body,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
@@ -404,7 +439,7 @@ async fn import(api: &Api, file: &std::path::Path, json_output: bool) -> Result<
             Method::POST,
             "/v1/import",
             Some(content_type),
-            crate::web::ChannelBody(receiver).boxed(),
+            crate::response::ChannelBody(receiver).boxed(),
         )
         .await;
     uploader
@@ -421,12 +456,16 @@ async fn import(api: &Api, file: &std::path::Path, json_output: bool) -> Result<
             report["invalid"],
             match report["invalid_lines"].as_array() {
                 Some(lines) if !lines.is_empty() => format!(
-                    " (lines {})",
+                    " ({})",
                     lines
                         .iter()
-                        .map(Value::to_string)
+                        .map(|invalid| format!(
+                            "line {}: {}",
+                            invalid["line"],
+                            invalid["error"].as_str().unwrap_or("invalid")
+                        ))
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join("; ")
                 ),
                 _ => String::new(),
             }
@@ -438,6 +477,14 @@ async fn import(api: &Api, file: &std::path::Path, json_output: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_seconds_read_as_iso_8601_utc() {
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601_utc(1_796_477_882), "2026-12-05T13:38:02Z");
+        assert_eq!(iso8601_utc(951_825_600), "2000-02-29T12:00:00Z");
+        assert_eq!(iso8601_utc(-1), "1969-12-31T23:59:59Z");
+    }
 
     #[test]
     fn subjects_map_to_api_paths() {

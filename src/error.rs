@@ -6,9 +6,9 @@ use hyper::StatusCode;
 use serde_json::json;
 
 use crate::providers::PayloadError;
+use crate::response::{json_response, Response};
 use crate::secret::AuthFailure;
 use crate::store::StoreError;
-use crate::web::{json_response, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -29,7 +29,20 @@ pub enum HttpError {
     #[error("{0}")]
     BadRequest(#[from] PayloadError),
     #[error("the store could not save this request; nothing was acknowledged, retry later")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for HttpError {
+    /// A refusal by the store's rules is the request's fault, and says what to change; every
+    /// other store error is the service's.
+    fn from(error: StoreError) -> HttpError {
+        match error {
+            StoreError::Refused(refusal) => {
+                HttpError::bad_field(refusal.field(), refusal.to_string())
+            }
+            other => HttpError::Store(other),
+        }
+    }
 }
 
 impl HttpError {

@@ -23,9 +23,13 @@ pub mod error;
 #[cfg(feature = "service")]
 pub mod metrics;
 #[cfg(feature = "service")]
+pub mod response;
+#[cfg(feature = "service")]
 pub mod serve;
 #[cfg(feature = "service")]
 pub mod server;
+#[cfg(feature = "service")]
+pub mod state;
 #[cfg(feature = "service")]
 pub mod store;
 #[cfg(feature = "service")]

@@ -12,11 +12,11 @@ use crate::metrics::Metrics;
 use crate::phone::Normalizer;
 use crate::providers::tencent::TencentConfig;
 use crate::secret::Secret;
-use crate::server::{self, AppState, Listeners};
+use crate::server::{self, Listeners};
+use crate::state::{AppState, WebhookConfig};
 use crate::store::{Rules, SnapshotPolicy, Store, StoreConfig, StoreError};
 use crate::systemd;
 use crate::tls::{CertSource, Tls};
-use crate::webhooks::WebhookConfig;
 
 /// Failed webhook authentications an address may make per window before it is answered 429.
 const AUTH_FAILURES_PER_WINDOW: u32 = 20;
@@ -103,9 +103,27 @@ pub async fn serve(
             "no provider is enabled (give --lox24-secret-file, --tencent-sdkappid or --sendios-secret-file); every webhook will be answered 404"
         );
     }
+    for (provider, enabled) in [
+        ("lox24", webhooks.lox24.is_some()),
+        ("tencent", webhooks.tencent.is_some()),
+        ("sendios", webhooks.sendios.is_some()),
+    ] {
+        if enabled {
+            tracing::info!("{provider} enabled at /webhooks/{provider}");
+        }
+    }
     if webhooks.tencent.as_ref().is_some_and(|t| t.token.is_none()) {
         tracing::warn!("Tencent webhooks are enabled without --tencent-token-file: requests are checked by SdkAppid only");
     }
+
+    // Bound before anything is written to the data directory: a start that cannot listen
+    // leaves no trace there.
+    let listeners = Listeners {
+        webhook: server::bind(webhook_addrs[0], "--webhook-listen").await?,
+        api: server::bind(api_addrs[0], "--api-listen").await?,
+        max_connections: args.max_connections as usize,
+        header_read_timeout: std::time::Duration::from_secs(args.request_header_timeout.max(1)),
+    };
 
     let metrics = Arc::new(Metrics::default());
     let store_config = StoreConfig {
@@ -139,15 +157,10 @@ pub async fn serve(
         }
     };
 
-    let listeners = Listeners {
-        webhook: server::bind(webhook_addrs[0], "--webhook-listen").await?,
-        api: server::bind(api_addrs[0], "--api-listen").await?,
-        max_connections: args.max_connections as usize,
-        header_read_timeout: std::time::Duration::from_secs(args.request_header_timeout.max(1)),
-    };
     phones.warm();
+    let store = Arc::new(store);
     let state = Arc::new(AppState {
-        store,
+        store: store.clone(),
         phones,
         metrics,
         webhooks,
@@ -164,12 +177,15 @@ pub async fn serve(
     if let Some(tls) = &tls {
         tokio::spawn(reload_on_sighup(tls.clone()));
     }
-    tokio::spawn(systemd::watchdog(state.clone()));
+    tokio::spawn(systemd::watchdog(store.clone()));
     let shutdown = async {
         shutdown_signal().await;
         systemd::stopping().await;
     };
     server::run(listeners, tls, state, shutdown).await;
+    // Every queued commit is answered before the store closes.
+    store.close(server::SHUTDOWN_GRACE).await;
+    tracing::info!("store flushed and closed");
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The two listeners and their connections: the public HTTPS webhook listener and the local
-//! plain-HTTP API. `run` accepts until `shutdown` resolves, then stops accepting, lets in-flight
-//! requests finish (bounded), and closes the store, which answers every queued commit first.
+//! plain-HTTP API. `run` accepts until `shutdown` resolves, then stops accepting and lets
+//! in-flight requests finish (bounded); the store is its caller's to close.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,15 +13,12 @@ use std::time::{Duration, Instant};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::auth::{ApiTokens, FailureLimiter};
-use crate::metrics::Metrics;
-use crate::phone::Normalizer;
-use crate::store::Store;
+use crate::state::AppState;
 use crate::tls::Tls;
-use crate::webhooks::WebhookConfig;
 use crate::{api, webhooks};
 
 /// A client must finish its TLS handshake within this time (hyper has no handshake timeout).
@@ -36,19 +33,7 @@ const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Concurrent streams per HTTP/2 connection.
 const H2_MAX_STREAMS: u32 = 128;
 /// How long shutdown waits for in-flight requests.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-
-/// Everything a request handler needs.
-pub struct AppState {
-    pub store: Store,
-    pub phones: Normalizer,
-    pub metrics: Arc<Metrics>,
-    pub webhooks: WebhookConfig,
-    /// `None` when the API is open (loopback only).
-    pub api_tokens: Option<ApiTokens>,
-    /// Per-address budget of failed webhook authentications.
-    pub auth_failures: FailureLimiter,
-}
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub struct Listeners {
     pub webhook: TcpListener,
@@ -177,6 +162,15 @@ pub async fn run(
                         return drive(connection, close_requested, idle, |c| c.graceful_shutdown())
                             .await;
                     };
+                    let stream = match tokio::time::timeout(
+                        TLS_HANDSHAKE_TIMEOUT,
+                        answer_plain_http(stream),
+                    )
+                    .await
+                    {
+                        Ok(Some(stream)) => stream,
+                        _ => return,
+                    };
                     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream));
                     let stream = tokio::select! {
                         accepted = handshake => match accepted {
@@ -216,8 +210,37 @@ pub async fn run(
     {
         tracing::warn!("some connections were still busy after {SHUTDOWN_GRACE:?}; closing them");
     }
-    state.store.close(SHUTDOWN_GRACE).await;
-    tracing::info!("store flushed and closed");
+}
+
+/// A TLS connection opens with a handshake record (0x16); one that opens with a letter is a
+/// plain-HTTP request (`GET`, `POST`), usually an `http://` URL in a provider's console. It gets
+/// a 400 that says to use `https://` instead of a failed handshake the client shows as a reset.
+/// Returns the stream when it is TLS.
+async fn answer_plain_http(mut stream: TcpStream) -> Option<TcpStream> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0].is_ascii_uppercase() => {}
+        Ok(1) => return Some(stream),
+        _ => return None,
+    }
+    let body = serde_json::json!({
+        "error": "this port speaks HTTPS: send the request to an https:// URL",
+    })
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Unread request bytes would turn the close into a reset that loses the answer.
+    let mut request = vec![0u8; MAX_HEADER_BYTES];
+    let _ = stream.read(&mut request).await;
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut request).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    None
 }
 
 fn service(
@@ -227,9 +250,9 @@ fn service(
     activity: Option<Arc<Activity>>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
-    Response = crate::web::Response,
+    Response = crate::response::Response,
     Error = Infallible,
-    Future = impl Future<Output = Result<crate::web::Response, Infallible>> + Send,
+    Future = impl Future<Output = Result<crate::response::Response, Infallible>> + Send,
 > + Clone {
     service_fn(move |request| {
         let state = state.clone();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::server::AppState;
+use crate::store::Store;
 
 /// The socket is a blocking datagram socket: a manager that does not read it (its queue is
 /// full) would stall one of the runtime's few worker threads with each message. The send runs
@@ -48,7 +48,7 @@ pub async fn stopping() {
 /// the service rather than let providers time out forever. A committer held up by a reopen of
 /// the database is not wedged: the reopen is a start's open and takes as long, and a restart
 /// would only begin it again. Returns at once without a watchdog.
-pub async fn watchdog(state: Arc<AppState>) {
+pub async fn watchdog(store: Arc<Store>) {
     let Some(timeout) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -57,9 +57,9 @@ pub async fn watchdog(state: Arc<AppState>) {
     let mut ticks = tokio::time::interval(period.max(Duration::from_millis(10)));
     loop {
         ticks.tick().await;
-        match tokio::time::timeout(period, state.store.ping()).await {
+        match tokio::time::timeout(period, store.ping()).await {
             Ok(Ok(())) => send(vec![NotifyState::Watchdog]).await,
-            _ if state.store.is_reopening() => {
+            _ if store.is_reopening() => {
                 send(vec![
                     NotifyState::Watchdog,
                     NotifyState::Status("reopening the database after a storage failure"),

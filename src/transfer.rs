@@ -5,17 +5,21 @@
 //! that list (the store rebuilds its database from it). Its sequence number, which names the file,
 //! travels in the [`SNAPSHOT_HEADER`] header.
 //!
-//! Export writes one NDJSON line per subject: `{"subject": …, "events": [...]}` with every
-//! history event in arrival order (each with its idempotency key and whether it applied). A
-//! record is a deterministic function of its events replayed in arrival order, so the events are
-//! everything needed for an exact round trip, counters such as the Sendios lost streak included.
+//! Export writes one NDJSON line per subject: `{"subject": …, "record": {"suppressed": …,
+//! "since": …, "reasons": […]}, "events": [...]}` with every history event in arrival order (each
+//! with its idempotency key and whether it applied). A record is a deterministic function of its
+//! events replayed in arrival order, so the events are everything needed for an exact round
+//! trip, counters such as the Sendios lost streak included; `record` is there for a reader of the
+//! file, and import never trusts it over the events.
 //! The export is a consistent snapshot (see `Store::snapshot`) and streams in constant memory.
 //!
 //! Import takes that format back — events go through the committer as if they had just arrived,
 //! so an import into an empty store reproduces the export, and into a live store it merges under
 //! the same event-time rules, deduplicated by idempotency key — or a plain list of phone numbers
-//! (text or CSV, first column, header row and blank lines skipped), which become unsubscribes
-//! with source `import`.
+//! (`text/plain`, one per line, or `text/csv`, the first column, its first line skipped if it is
+//! a header; blank lines skipped), which become unsubscribes with source `import`. The report
+//! counts subjects: added, already (every event known, or the number already suppressed) and
+//! invalid lines, the first 100 with what was wrong.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,12 +29,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::HttpError;
-use crate::event::{mint_idempotency_key, now_ms, Event, Kind, Source, Subject};
-use crate::server::AppState;
-use crate::store::{Outcome, StoredEvent};
-use crate::web::{
-    media_type, ndjson_response, streamed_response, Line, LineFormat, LineReader, Request, Response,
-};
+use crate::event::{mint_idempotency_key, ms_to_secs, now_ms, Event, Kind, Source, Subject};
+use crate::response::{ndjson_response, streamed_response, Response};
+use crate::state::AppState;
+use crate::store::{Outcome, Reason, StoredEvent};
+use crate::web::{media_type, Line, LineFormat, LineReader, Request};
 
 /// Events committed together during an import; each commit is durable before the next.
 const IMPORT_BATCH: usize = 2_000;
@@ -39,8 +42,25 @@ const MAX_REPORTED_LINES: usize = 100;
 /// An export line of one subject can be long; an import line beyond this is invalid.
 const MAX_IMPORT_LINE: usize = 16 * 1024 * 1024;
 
-#[derive(serde::Serialize, Deserialize)]
-struct Exported {
+/// One export line. `record` is what `events` make, for a reader of the file; import replays the
+/// events and never trusts it.
+#[derive(serde::Serialize)]
+struct Exported<'a> {
+    subject: &'a Subject,
+    record: RecordView<'a>,
+    events: &'a [StoredEvent],
+}
+
+#[derive(serde::Serialize)]
+struct RecordView<'a> {
+    suppressed: bool,
+    since: Option<i64>,
+    reasons: &'a [Reason],
+}
+
+/// What import reads from an export line: members it does not need (the record) are ignored.
+#[derive(Deserialize)]
+struct Imported {
     subject: Subject,
     events: Vec<StoredEvent>,
 }
@@ -53,8 +73,17 @@ pub async fn export(state: &Arc<AppState>) -> Result<Response, HttpError> {
         let mut output = Vec::with_capacity(64 * 1024);
         for entry in snapshot {
             match entry {
-                Ok((subject, events)) => {
-                    let _ = serde_json::to_writer(&mut output, &Exported { subject, events });
+                Ok((subject, record, events)) => {
+                    let line = Exported {
+                        subject: &subject,
+                        record: RecordView {
+                            suppressed: record.suppressed(),
+                            since: record.since_ms().map(ms_to_secs),
+                            reasons: &record.reasons,
+                        },
+                        events: &events,
+                    };
+                    let _ = serde_json::to_writer(&mut output, &line);
                     output.push(b'\n');
                 }
                 Err(e) => {
@@ -112,43 +141,83 @@ pub async fn backup(state: &Arc<AppState>) -> Result<Response, HttpError> {
     Ok(response)
 }
 
+/// The answer to an import. Counts are of subjects (a record each), whatever number of events
+/// an export line carries.
 #[derive(Default, serde::Serialize)]
 struct Report {
     added: u64,
     already: u64,
     invalid: u64,
-    invalid_lines: Vec<u64>,
+    /// The first [`MAX_REPORTED_LINES`] invalid lines, each with what was wrong.
+    invalid_lines: Vec<InvalidLine>,
+}
+
+#[derive(serde::Serialize)]
+struct InvalidLine {
+    line: u64,
+    error: String,
 }
 
 impl Report {
-    fn invalid(&mut self, line: u64) {
+    fn invalid(&mut self, line: u64, error: impl Into<String>) {
         self.invalid += 1;
         if self.invalid_lines.len() < MAX_REPORTED_LINES {
-            self.invalid_lines.push(line);
+            self.invalid_lines.push(InvalidLine {
+                line,
+                error: error.into(),
+            });
         }
     }
+}
 
-    fn count(&mut self, outcomes: &[Outcome]) {
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Duplicate => self.already += 1,
-                Outcome::Applied | Outcome::Recorded => self.added += 1,
+/// Events on their way to one commit, with how many of them each subject contributed, so that
+/// the outcomes can be counted by subject: one that had any new event is added, one whose every
+/// event was known already is `already`.
+#[derive(Default)]
+struct ImportBatch {
+    events: Vec<Event>,
+    events_per_subject: Vec<usize>,
+}
+
+impl ImportBatch {
+    fn push(&mut self, events: impl IntoIterator<Item = Event>) {
+        let before = self.events.len();
+        self.events.extend(events);
+        self.events_per_subject.push(self.events.len() - before);
+    }
+
+    async fn commit(&mut self, state: &AppState, report: &mut Report) -> Result<(), HttpError> {
+        if self.events.is_empty() {
+            return Ok(());
+        }
+        let outcomes = state.store.commit(std::mem::take(&mut self.events)).await?;
+        let mut outcomes = outcomes.as_slice();
+        for count in std::mem::take(&mut self.events_per_subject) {
+            let (mine, rest) = outcomes.split_at(count.min(outcomes.len()));
+            outcomes = rest;
+            if mine.iter().all(|outcome| *outcome == Outcome::Duplicate) {
+                report.already += 1;
+            } else {
+                report.added += 1;
             }
         }
+        Ok(())
     }
 }
 
 /// `POST /v1/import`
 pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response, HttpError> {
     let Some(format) = LineFormat::of(&request) else {
-        return Err(HttpError::UnsupportedMediaType(format!(
-            "import takes application/x-ndjson (an export) or text/plain / text/csv (one number per line), not {:?}",
-            media_type(&request)
-        )));
+        return Err(HttpError::UnsupportedMediaType(match media_type(&request) {
+            Some(given) => format!(
+                "import takes application/x-ndjson (an export), text/plain or text/csv (one number per line), not {given}"
+            ),
+            None => "import takes application/x-ndjson (an export), text/plain or text/csv (one number per line); the request has no Content-Type".to_owned(),
+        }));
     };
     let mut lines = LineReader::new(request, MAX_IMPORT_LINE);
     let mut report = Report::default();
-    let mut batch: Vec<Event> = Vec::new();
+    let mut batch = ImportBatch::default();
     let mut listed = ListedNumbers::default();
     let mut number = 0u64;
     while let Some(line) = lines.next_line().await {
@@ -156,7 +225,7 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
         let line = match line? {
             Line::Text(line) => line,
             Line::TooLong => {
-                report.invalid(number);
+                report.invalid(number, format!("longer than {MAX_IMPORT_LINE} bytes"));
                 continue;
             }
         };
@@ -165,21 +234,19 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
         if text.is_empty() {
             continue;
         }
-        if format == LineFormat::Ndjson {
-            match serde_json::from_str::<Exported>(text) {
-                Ok(exported) => {
-                    batch.extend(exported.events.into_iter().map(|stored| stored.event))
+        let phone = match format {
+            LineFormat::Ndjson => {
+                match exported_events(text) {
+                    Ok(events) => batch.push(events),
+                    Err(error) => report.invalid(number, error),
                 }
-                Err(_) => report.invalid(number),
+                None
             }
-        } else {
-            let first = text
-                .split(',')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .trim_matches('"');
-            match state.phones.normalize(first) {
+            LineFormat::Text => Some(text),
+            LineFormat::Csv => Some(first_column(text)),
+        };
+        if let Some(phone) = phone {
+            match state.phones.normalize(phone) {
                 Ok(phone) => {
                     if !listed.insert(&phone) {
                         continue;
@@ -188,27 +255,26 @@ pub async fn import(state: &Arc<AppState>, request: Request) -> Result<Response,
                         report.already += 1;
                         continue;
                     }
-                    batch.push(imported_unsubscribe(phone));
+                    batch.push([imported_unsubscribe(phone)]);
                 }
-                // A first line that is not a number is a header row.
-                Err(_) if number == 1 => {}
-                Err(_) => report.invalid(number),
+                // Only CSV has header rows: in a plain list, a first line that is not a number
+                // is as wrong as any other.
+                Err(_) if number == 1 && format == LineFormat::Csv => {}
+                Err(e) => report.invalid(number, e.to_string()),
             }
         }
-        if batch.len() >= IMPORT_BATCH {
-            report.count(&state.store.commit(std::mem::take(&mut batch)).await?);
+        if batch.events.len() >= IMPORT_BATCH {
+            batch.commit(state, &mut report).await?;
         }
     }
-    if !batch.is_empty() {
-        report.count(&state.store.commit(batch).await?);
-    }
+    batch.commit(state, &mut report).await?;
     tracing::info!(
         added = report.added,
         already = report.already,
         invalid = report.invalid,
         "import finished"
     );
-    Ok(crate::web::json_response(
+    Ok(crate::response::json_response(
         hyper::StatusCode::OK,
         &json!(report),
     ))
@@ -261,6 +327,32 @@ impl ListedNumbers {
             }
         }
     }
+}
+
+/// The events of one export line, refused whole if any of them is about another subject than
+/// the line's.
+fn exported_events(text: &str) -> Result<Vec<Event>, String> {
+    let line: Imported = serde_json::from_str(text)
+        .map_err(|e| format!("not an export line ({{\"subject\": …, \"events\": […]}}): {e}"))?;
+    let events: Vec<Event> = line.events.into_iter().map(|stored| stored.event).collect();
+    match events
+        .iter()
+        .position(|event| event.subject != line.subject)
+    {
+        Some(index) => Err(format!(
+            "event {index} is about another subject than the line's"
+        )),
+        None => Ok(events),
+    }
+}
+
+/// A CSV line's first field, without the quotes around it.
+fn first_column(line: &str) -> &str {
+    line.split(',')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"')
 }
 
 fn imported_unsubscribe(phone: String) -> Event {

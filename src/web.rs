@@ -1,46 +1,17 @@
-//! HTTP plumbing shared by the webhook and API routers: response bodies, bounded body reading and
-//! query strings.
+//! Reading requests, shared by the webhook and API routers: bounded bodies, line streams, media
+//! types, query strings and path segments. Responses are built in `response`.
 
 use std::borrow::Cow;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::StatusCode;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use percent_encoding::percent_decode_str;
 
 use crate::error::HttpError;
 
-pub type Body = BoxBody<Bytes, std::io::Error>;
 pub type Request = hyper::Request<Incoming>;
-pub type Response = hyper::Response<Body>;
-
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
-    // Serialising an in-memory value cannot fail.
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    bytes_response(status, "application/json", bytes)
-}
-
-pub fn bytes_response(
-    status: StatusCode,
-    content_type: &'static str,
-    bytes: impl Into<Bytes>,
-) -> Response {
-    let mut response = hyper::Response::new(full(bytes));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
 
 /// Reads a whole request body of at most `limit` bytes; a larger one is 413. The excess is read
 /// and discarded (up to [`DRAIN_LIMIT`]) rather than left unread, because closing a socket with
@@ -187,8 +158,10 @@ pub fn media_type(request: &Request) -> Option<String> {
 /// The line-oriented bodies that bulk checks and imports stream, by their Content-Type.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum LineFormat {
-    /// `text/plain` or `text/csv`: one phone number per line.
+    /// `text/plain`: one phone number per line.
     Text,
+    /// `text/csv`: a phone number in the first column; the first line may be a header row.
+    Csv,
     /// `application/x-ndjson` or `application/ndjson`: one JSON value per line.
     Ndjson,
 }
@@ -196,7 +169,8 @@ pub enum LineFormat {
 impl LineFormat {
     pub fn of(request: &Request) -> Option<Self> {
         match media_type(request)?.as_str() {
-            "text/plain" | "text/csv" => Some(LineFormat::Text),
+            "text/plain" => Some(LineFormat::Text),
+            "text/csv" => Some(LineFormat::Csv),
             "application/x-ndjson" | "application/ndjson" => Some(LineFormat::Ndjson),
             _ => None,
         }
@@ -218,42 +192,6 @@ pub fn path_segment(segment: &str) -> Result<Cow<'_, str>, HttpError> {
     percent_decode_str(segment).decode_utf8().map_err(|_| {
         HttpError::bad_request("path segment is not valid UTF-8 after percent-decoding")
     })
-}
-
-/// A body fed by a channel: results produced while a request still streams in, or an upload
-/// read from a file as it is sent.
-pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
-    }
-}
-
-/// A streamed NDJSON response fed by `receiver`.
-pub fn ndjson_response(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
-    streamed_response(receiver, "application/x-ndjson")
-}
-
-/// A 200 whose body is what `receiver` yields, of type `content_type`.
-pub fn streamed_response(
-    receiver: tokio::sync::mpsc::Receiver<Bytes>,
-    content_type: &'static str,
-) -> Response {
-    let mut response = hyper::Response::new(ChannelBody(receiver).boxed());
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    response
 }
 
 #[cfg(test)]

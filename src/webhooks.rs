@@ -15,23 +15,16 @@ use serde_json::json;
 use crate::auth;
 use crate::error::HttpError;
 use crate::event::{ms_to_secs, now_ms};
-use crate::providers::tencent::{self, TencentConfig};
+use crate::providers::tencent;
 use crate::providers::{lox24, sendios};
+use crate::response::{json_response, Response};
 use crate::secret::{AuthFailure, Secret};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::Outcome;
-use crate::web::{discard_body, json_response, query_param, read_body, Request, Response};
+use crate::web::{discard_body, query_param, read_body, Request};
 
 /// Largest accepted webhook body: 1 MiB (exactly 1,048,576 bytes is still accepted).
 pub const MAX_BODY: usize = 1024 * 1024;
-
-/// Which providers are enabled, with their credentials.
-#[derive(Debug, Default, Clone)]
-pub struct WebhookConfig {
-    pub lox24: Option<Secret>,
-    pub tencent: Option<TencentConfig>,
-    pub sendios: Option<Secret>,
-}
 
 pub async fn handle(state: &AppState, request: Request, peer: IpAddr) -> Response {
     let started = Instant::now();
@@ -148,6 +141,14 @@ fn record_auth_failure(state: &AppState, peer: IpAddr) {
 }
 
 /// How a request's committed events ended, for responses and metrics.
+/// Names the fields a delivery lacked, once it is stored: a redelivery stored nothing, so it
+/// says nothing.
+fn log_absent_fields(source: &str, outcome: &str, warnings: &[String]) {
+    if !warnings.is_empty() && outcome == "accepted" {
+        tracing::warn!(source, "stored with fields absent: {}", warnings.join("; "));
+    }
+}
+
 fn outcome_of(outcomes: &[Outcome]) -> &'static str {
     if !outcomes.is_empty() && outcomes.iter().all(|o| *o == Outcome::Duplicate) {
         "duplicate"
@@ -181,15 +182,8 @@ async fn lox24_delivery(
         }
         lox24::Delivery::Unsubscribe { event, warnings } => {
             let event_id = event.event_id.clone();
-            if !warnings.is_empty() {
-                tracing::warn!(
-                    source = "lox24",
-                    event_id,
-                    "stored with fields absent: {}",
-                    warnings.join("; ")
-                );
-            }
             let outcome = outcome_of(&state.store.commit(vec![event]).await?);
+            log_absent_fields("lox24", outcome, &warnings);
             tracing::info!(source = "lox24", event_id, outcome, "webhook processed");
             Ok(Handled {
                 outcome,
@@ -266,13 +260,6 @@ async fn tencent_delivery(
             skipped,
             warnings,
         } => {
-            if !warnings.is_empty() {
-                tracing::warn!(
-                    source = "tencent",
-                    "stored with fields absent: {}",
-                    warnings.join("; ")
-                );
-            }
             let skipped_info = tencent::describe_skipped(&skipped);
             for entry in &skipped {
                 state.metrics.skipped("tencent", entry.reason);
@@ -282,6 +269,7 @@ async fn tencent_delivery(
             }
             let count = events.len();
             let outcome = outcome_of(&state.store.commit(events).await?);
+            log_absent_fields("tencent", outcome, &warnings);
             tracing::info!(
                 source = "tencent",
                 accounts = count,
@@ -307,13 +295,6 @@ async fn sendios_delivery(
     };
     let body = authenticated_body(state, peer, secret, request).await?;
     let batch = sendios::parse(&body, now_ms())?;
-    if !batch.warnings.is_empty() {
-        tracing::warn!(
-            source = "sendios",
-            "stored with fields absent: {}",
-            batch.warnings.join("; ")
-        );
-    }
     for entry in &batch.skipped {
         state.metrics.skipped("sendios", &entry.reason);
         tracing::warn!(
@@ -346,6 +327,7 @@ async fn sendios_delivery(
     } else {
         outcome_of(&outcomes)
     };
+    log_absent_fields("sendios", outcome, &batch.warnings);
     tracing::info!(
         source = "sendios",
         events = outcomes.len(),

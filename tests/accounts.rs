@@ -123,6 +123,46 @@ async fn tencent_sample_suppresses_each_subscriber_in_its_official_account_scope
     );
 }
 
+/// A body whose `CallbackCommand` differs from its URL's is 400, whichever of the two names the
+/// unsubscribe, and stores nothing.
+#[tokio::test]
+async fn tencent_commands_that_contradict_each_other_are_400() {
+    let server = Server::start(Options {
+        tencent: Some(None),
+        ..Options::default()
+    });
+    let other = "OfficialAccount.CallbackAfterAddSubscriber";
+    let delete_in_body = server
+        .webhook(&tencent_url(other, None), &[], tencent_sample())
+        .await;
+    let other_in_body = server
+        .webhook(
+            &tencent_url(COMMAND, None),
+            &[],
+            tencent_sample().replace(COMMAND, other),
+        )
+        .await;
+    for reply in [delete_in_body, other_in_body] {
+        assert_eq!(reply.status, 400, "{}", reply.text);
+        let json = reply.json();
+        assert_eq!(json["ActionStatus"], "FAIL", "{json}");
+        assert!(
+            json["ErrorInfo"]
+                .as_str()
+                .unwrap()
+                .contains("contradicts the URL"),
+            "{json}"
+        );
+    }
+    let record = server
+        .get(&format!("/v1/accounts/{SCOPE_PATH}/jared"))
+        .await
+        .json();
+    assert_eq!(record["suppressed"], false, "nothing stored: {record}");
+    // The same body under its own command is accepted.
+    assert_eq!(deliver_sample(&server).await, 200);
+}
+
 #[tokio::test]
 async fn tencent_signature_replay_window_and_sdkappid() {
     let token = "xxxxyyyy";

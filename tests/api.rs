@@ -114,6 +114,39 @@ async fn bulk_check_answers_in_input_order_with_per_entry_errors() {
     assert!(not_json.json()["error"].is_string());
 }
 
+/// A mistyped bulk check must not read as "nothing suppressed": a script would send to all.
+#[tokio::test]
+async fn a_bulk_check_without_a_list_or_with_an_unknown_member_is_400() {
+    let server = Server::start(Options::default());
+    for (body, field) in [
+        (r#"{"phone": ["+4915112345678"]}"#, "phone"),
+        (r#"{"phons": ["+4915112345678"]}"#, "phons"),
+        (
+            r#"{"phones": ["+4915112345678"], "acounts": []}"#,
+            "acounts",
+        ),
+        ("{}", "phones"),
+        ("  { }  ", "phones"),
+    ] {
+        let reply = server.api("POST", "/v1/check", body).await;
+        assert_eq!(reply.status, 400, "{body}: {}", reply.text);
+        let error = reply.json();
+        assert_eq!(error["field"], field, "{body}: {error}");
+        let message = error["error"].as_str().unwrap();
+        assert!(message.contains(field), "{body}: {message}");
+        assert!(error.get("results").is_none(), "{body}: {error}");
+    }
+    for body in [
+        r#"{"phones": []}"#,
+        r#"{"accounts": []}"#,
+        r#"{"phones": [], "accounts": []}"#,
+    ] {
+        let reply = server.api("POST", "/v1/check", body).await;
+        assert_eq!(reply.status, 200, "{body}: {}", reply.text);
+        assert_eq!(reply.json(), json!({"results": []}), "{body}");
+    }
+}
+
 #[tokio::test]
 async fn api_tokens_guard_v1_but_not_health_or_metrics() {
     let server = Server::start(Options {

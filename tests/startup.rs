@@ -87,13 +87,52 @@ fn environment_variables_configure_flags() {
 }
 
 #[test]
-fn reports_a_port_in_use() {
+fn reports_a_port_in_use_and_creates_nothing_in_the_data_dir() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let args = serve_args(data.to_str().unwrap(), &addr);
     assert_refused(&args, "already in use");
+    assert!(
+        !data.exists(),
+        "a start that cannot listen leaves no data directory"
+    );
+}
+
+/// The log says which providers are on and where; a plain-HTTP request on the TLS port is told
+/// to use HTTPS instead of seeing the connection reset.
+#[tokio::test]
+async fn says_which_providers_are_enabled_and_answers_plain_http_with_a_hint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(Options {
+        sendios: true,
+        ..Options::default()
+    });
+    let logs = server.logs();
+    assert!(logs.contains("lox24 enabled at /webhooks/lox24"), "{logs}");
+    assert!(
+        logs.contains("sendios enabled at /webhooks/sendios"),
+        "{logs}"
+    );
+    assert!(!logs.contains("tencent enabled"), "{logs}");
+
+    let mut plain = tokio::net::TcpStream::connect(server.webhook)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"POST /webhooks/lox24 HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    plain.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("https://"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(json["error"].as_str().unwrap().contains("HTTPS"), "{json}");
+    // TLS on the same port is unaffected.
+    assert_eq!(server.lox24(common::lox24_seed()).await.status, 200);
 }
 
 #[test]

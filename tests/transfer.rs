@@ -109,8 +109,26 @@ async fn export_then_import_into_an_empty_store_round_trips_exactly() {
     assert_eq!(imported.status, 200, "{}", imported.text);
     assert_eq!(
         imported.json(),
-        json!({"added": 36, "already": 0, "invalid": 0, "invalid_lines": []})
+        json!({"added": 33, "already": 0, "invalid": 0, "invalid_lines": []}),
+        "counted by subject, not by event"
     );
+    // Each line carries the record its events make, as the API shows it.
+    for line in export.text.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        let subject = &line["subject"];
+        let path = match subject.get("phone") {
+            Some(phone) => format!("/v1/phones/{}", phone.as_str().unwrap()),
+            None => format!(
+                "/v1/accounts/{}/{}",
+                subject["scope"].as_str().unwrap(),
+                subject["account"].as_str().unwrap()
+            ),
+        };
+        let shown = source.get(&path).await.json();
+        for field in ["suppressed", "since", "reasons"] {
+            assert_eq!(line["record"][field], shown[field], "{path} {field}");
+        }
+    }
 
     assert_eq!(
         target.get("/v1/export").await.text,
@@ -159,7 +177,8 @@ async fn export_then_import_into_an_empty_store_round_trips_exactly() {
         .await;
     assert_eq!(
         again.json(),
-        json!({"added": 0, "already": 37, "invalid": 0, "invalid_lines": []})
+        json!({"added": 0, "already": 34, "invalid": 0, "invalid_lines": []}),
+        "33 subjects and the repeated line, each counted once"
     );
     assert!(
         target.get("/v1/export").await.text == before,
@@ -186,9 +205,18 @@ async fn plain_lists_import_as_unsubscribes_with_source_import() {
         .api_with("POST", "/v1/import", &[("content-type", "text/csv")], csv)
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text);
+    let report = reply.json();
     assert_eq!(
-        reply.json(),
-        json!({"added": 2, "already": 1, "invalid": 1, "invalid_lines": [6]})
+        (&report["added"], &report["already"], &report["invalid"]),
+        (&json!(2), &json!(1), &json!(1)),
+        "{report}"
+    );
+    assert_eq!(report["invalid_lines"][0]["line"], 6, "{report}");
+    assert!(
+        report["invalid_lines"][0]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "each invalid line says what was wrong: {report}"
     );
     let record = server.get("/v1/phones/+4930999003").await.json();
     assert_eq!(record["suppressed"], true);
@@ -214,6 +242,48 @@ async fn plain_lists_import_as_unsubscribes_with_source_import() {
         text.json(),
         json!({"added": 1, "already": 1, "invalid": 0, "invalid_lines": []})
     );
+    // Only CSV has a header row: a plain list whose first line is not a number says so.
+    let headed = server
+        .api_with(
+            "POST",
+            "/v1/import",
+            &[("content-type", "text/plain")],
+            "phone\n+4930999005\n",
+        )
+        .await;
+    let report = headed.json();
+    assert_eq!(report["added"], 1, "{report}");
+    assert_eq!(report["invalid"], 1, "{report}");
+    assert_eq!(report["invalid_lines"][0]["line"], 1, "{report}");
+    // An NDJSON line whose events are about another subject is refused whole.
+    let line = server
+        .get("/v1/export")
+        .await
+        .text
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    line["subject"] = json!({"phone": "+4930999999"});
+    let mismatched = server
+        .api_with(
+            "POST",
+            "/v1/import",
+            &[("content-type", "application/x-ndjson")],
+            line.to_string(),
+        )
+        .await;
+    assert_eq!(
+        mismatched.json()["invalid_lines"][0]["line"],
+        1,
+        "{}",
+        mismatched.text
+    );
+    assert_eq!(
+        server.get("/v1/phones/+4930999999").await.json()["suppressed"],
+        false
+    );
     let wrong_type = server
         .api_with(
             "POST",
@@ -224,6 +294,11 @@ async fn plain_lists_import_as_unsubscribes_with_source_import() {
         .await;
     assert_eq!(wrong_type.status, 415);
     assert_eq!(wrong_type.json()["field"], "content-type");
+    let message = wrong_type.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        message.ends_with("not application/json") && !message.contains("Some("),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +357,16 @@ async fn cli_export_and_import() {
     let report: serde_json::Value = serde_json::from_slice(&imported.stdout).unwrap();
     assert_eq!(
         report,
-        json!({"added": 1, "already": 1, "invalid": 1, "invalid_lines": [4]})
+        json!({"added": 1, "already": 1, "invalid": 1, "invalid_lines": [
+            {"line": 4, "error": report["invalid_lines"][0]["error"]}
+        ]})
+    );
+    let imported = run(&target, &["import", list.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&imported.stdout);
+    assert!(
+        said.trim()
+            .starts_with("added 0, already suppressed 2, invalid 1 (line 4: "),
+        "{said}"
     );
     let missing = run(&target, &["import", "/nonexistent.csv"]);
     assert_eq!(missing.status.code(), Some(2));

@@ -10,25 +10,56 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::parse_object;
+use super::require_object;
 use crate::error::HttpError;
 use crate::event::{ms_to_secs, Subject, MAX_ID_BYTES};
-use crate::server::AppState;
-use crate::web::{
-    json_response, ndjson_response, read_body, Line, LineFormat, LineReader, Request, Response,
-};
+use crate::response::{json_response, ndjson_response, Response};
+use crate::state::AppState;
+use crate::web::{read_body, Line, LineFormat, LineReader, Request};
 
 /// Most entries one `POST /v1/check` may carry.
 pub(super) const MAX_CHECK_ENTRIES: usize = 10_000;
 /// A check request of 10,000 long entries stays well below this.
 const MAX_CHECK_BODY: usize = 4 * 1024 * 1024;
 
+/// A mistyped member (`phone`, `phons`) must not read as "nothing to check, nothing
+/// suppressed", so unknown members are refused and at least one of the two lists must be there.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CheckRequest<'a> {
-    #[serde(borrow, default)]
-    phones: Vec<CheckEntry<'a>>,
-    #[serde(default)]
-    accounts: Vec<Value>,
+    #[serde(borrow)]
+    phones: Option<Vec<CheckEntry<'a>>>,
+    accounts: Option<Vec<Value>>,
+}
+
+const CHECK_BODY_SHAPE: &str = "body must be {\"phones\": [\"...\"]} or {\"accounts\": [...]}";
+
+/// Parses a JSON check body; an unknown member is a 400 that names it.
+fn parse_check_request(body: &[u8]) -> Result<(Vec<CheckEntry<'_>>, Vec<Value>), HttpError> {
+    require_object(body, CHECK_BODY_SHAPE)?;
+    let parsed: CheckRequest<'_> = serde_json::from_slice(body).map_err(|error| {
+        let message = error.to_string();
+        match unknown_member(&message) {
+            Some(member) => HttpError::bad_field(
+                &member,
+                format!("unknown member `{member}`; {CHECK_BODY_SHAPE}"),
+            ),
+            None => HttpError::bad_request(format!("{CHECK_BODY_SHAPE}: {message}")),
+        }
+    })?;
+    match (parsed.phones, parsed.accounts) {
+        (None, None) => Err(HttpError::bad_field(
+            "phones",
+            format!("neither `phones` nor `accounts` is present; {CHECK_BODY_SHAPE}"),
+        )),
+        (phones, accounts) => Ok((phones.unwrap_or_default(), accounts.unwrap_or_default())),
+    }
+}
+
+/// The member serde's `deny_unknown_fields` error names ("unknown field `phons`, expected …").
+fn unknown_member(message: &str) -> Option<String> {
+    let rest = &message[message.find("unknown field `")? + "unknown field `".len()..];
+    Some(rest[..rest.find('`')?].to_owned())
 }
 
 /// One entry of a check list: a string to look up, or anything else, which gets an error of its
@@ -113,10 +144,10 @@ enum CheckResult<'a> {
 
 pub(super) async fn check(state: &AppState, request: Request) -> Result<Response, HttpError> {
     let body = read_body(request, MAX_CHECK_BODY).await?;
-    let parsed: CheckRequest<'_> = parse_object(&body, "body must be {\"phones\": [\"...\"]}")?;
-    let entries = parsed.phones.len() + parsed.accounts.len();
+    let (phones, accounts) = parse_check_request(&body)?;
+    let entries = phones.len() + accounts.len();
     if entries > MAX_CHECK_ENTRIES {
-        let field = if parsed.accounts.is_empty() {
+        let field = if accounts.is_empty() {
             "phones"
         } else {
             "accounts"
@@ -126,8 +157,8 @@ pub(super) async fn check(state: &AppState, request: Request) -> Result<Response
             format!("at most {MAX_CHECK_ENTRIES} entries per request, got {entries}"),
         ));
     }
-    let mut results = Vec::with_capacity(parsed.phones.len());
-    for entry in &parsed.phones {
+    let mut results = Vec::with_capacity(entries);
+    for entry in &phones {
         results.push(match entry {
             CheckEntry::Text(input) => match state.phones.normalize_borrowed(input) {
                 Ok(phone) => {
@@ -150,7 +181,7 @@ pub(super) async fn check(state: &AppState, request: Request) -> Result<Response
             },
         });
     }
-    for input in &parsed.accounts {
+    for input in &accounts {
         let scope = input.get("scope").and_then(Value::as_str);
         let account = input.get("account").and_then(Value::as_str);
         results.push(match (scope, account) {
@@ -230,7 +261,7 @@ fn check_line(state: &AppState, line: &[u8], format: LineFormat, output: &mut Ve
         return 0;
     }
     let result = match format {
-        LineFormat::Text => check_phone_value(state, json!(text), text),
+        LineFormat::Text | LineFormat::Csv => check_phone_value(state, json!(text), text),
         LineFormat::Ndjson => match serde_json::from_str::<Value>(text) {
             Ok(Value::String(phone)) => check_phone_value(state, json!(phone), &phone),
             Ok(Value::Object(object)) => match (

@@ -6,9 +6,10 @@ use serde_json::json;
 
 use crate::error::HttpError;
 use crate::event::{ms_to_secs, Subject};
-use crate::server::AppState;
+use crate::response::{json_response, Response};
+use crate::state::AppState;
 use crate::store::{ListFilter, Reason, SubjectKind};
-use crate::web::{json_response, query_param, Response};
+use crate::web::query_param;
 
 /// Default and largest page of `GET /v1/suppressions`.
 const DEFAULT_PAGE: usize = 100;

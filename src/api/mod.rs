@@ -24,13 +24,10 @@ use crate::error::HttpError;
 use crate::event::{
     mint_idempotency_key, ms_to_secs, now_ms, Event, Kind, Source, Subject, MAX_ID_BYTES,
 };
-use crate::server::AppState;
-use crate::store::record::{decode_status, reasons_json};
-use crate::store::{Record, Status, StoreError, StoredEvent};
-use crate::web::{
-    bytes_response, discard_body, json_response, path_segment, query_param, read_body, LineFormat,
-    Request, Response,
-};
+use crate::response::{bytes_response, json_response, Response};
+use crate::state::AppState;
+use crate::store::{Status, StoredEvent};
+use crate::web::{discard_body, path_segment, query_param, read_body, LineFormat, Request};
 
 pub async fn handle(state: &Arc<AppState>, request: Request) -> Response {
     let started = Instant::now();
@@ -212,9 +209,14 @@ pub(crate) fn parse_object<'a, T: Deserialize<'a>>(
     body: &'a [u8],
     expected: &str,
 ) -> Result<T, HttpError> {
+    require_object(body, expected)?;
+    serde_json::from_slice(body).map_err(|e| HttpError::bad_request(format!("{expected}: {e}")))
+}
+
+/// Refuses a body that is not a JSON object before serde, which reads structs from arrays too.
+pub(crate) fn require_object(body: &[u8], expected: &str) -> Result<(), HttpError> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => serde_json::from_slice(body)
-            .map_err(|e| HttpError::bad_request(format!("{expected}: {e}"))),
+        Some(b'{') => Ok(()),
         _ => Err(HttpError::bad_request(format!(
             "{expected}: not a JSON object"
         ))),
@@ -255,26 +257,17 @@ async fn manual_change(
     Ok(())
 }
 
-/// Lifts a suppression. A person's own opt-out is not an operator's to overrule silently, so a
-/// lift over a provider unsubscribe needs a note with the evidence of renewed consent.
+/// Lifts a suppression. A person's own opt-out is not an operator's to overrule silently: the
+/// store refuses a lift over a provider unsubscribe without a note (`Record::refuses`), judged
+/// in the committer so that an unsubscribe arriving meanwhile is not lifted unnoticed.
 async fn lift(
     state: &AppState,
     subject: Subject,
     change: Change,
     actor: String,
 ) -> Result<(), HttpError> {
-    let Some(bytes) = state.store.record_bytes(&subject)? else {
+    if !state.store.status(&subject)?.suppressed {
         return Ok(());
-    };
-    let record = Record::decode(&bytes).map_err(StoreError::from)?;
-    if !record.suppressed() {
-        return Ok(());
-    }
-    if record.lift_needs_note() && change.note.is_none() {
-        return Err(HttpError::bad_field(
-            "note",
-            "this suppression includes the person's own unsubscribe; lifting it needs a note with the evidence of renewed consent",
-        ));
     }
     manual_change(state, subject, Kind::Lift, change, actor).await
 }
@@ -310,16 +303,13 @@ fn subject_record(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, 
     let subject = subject(state, path)?;
     // Most numbers looked up are not suppressed: the in-memory index answers those without
     // touching the database (a record that is not suppressed has no reasons to show).
-    let bytes = match &subject {
+    let record = match &subject {
         Subject::Phone { phone } if !state.store.phone_status(phone)?.suppressed => None,
-        _ => state.store.record_bytes(&subject)?,
+        _ => state.store.record(&subject)?,
     };
     state.metrics.lookups(false, 1);
-    let (status, reasons) = match &bytes {
-        Some(bytes) => (
-            decode_status(bytes).map_err(StoreError::from)?,
-            Some(reasons_json(bytes).map_err(StoreError::from)?),
-        ),
+    let (status, reasons) = match &record {
+        Some(record) => (record.status()?, Some(record.reasons_json()?)),
         None => (Status::default(), None),
     };
     let empty = RawValue::from_string("[]".to_owned())

@@ -111,36 +111,41 @@ pub fn parse(
     url_command: Option<&str>,
     receive_time_ms: i64,
 ) -> Result<Delivery, PayloadError> {
-    if let Some(command) = url_command.filter(|c| *c != DELETE_SUBSCRIBER) {
-        return Ok(Delivery::Ignored {
-            command: command.to_owned(),
-        });
-    }
-    let json = parse_json(body)?;
-    let object = json
-        .as_object()
-        .ok_or_else(|| PayloadError::body("body must be a JSON object"))?;
-    let body_command = object.get("CallbackCommand").and_then(Value::as_str);
-    match (url_command, body_command) {
-        (Some(url), Some(body)) if url != body => {
+    let json = parse_json(body);
+    let body_command = json
+        .as_ref()
+        .ok()
+        .and_then(|json| json.get("CallbackCommand"))
+        .and_then(Value::as_str);
+    // A body that names another command than its URL is refused whichever of the two is the
+    // unsubscribe: acting on either could store an opt-out that was not sent, or drop one that was.
+    if let (Some(url), Some(body)) = (url_command, body_command) {
+        if url != body {
             return Err(PayloadError::field(
                 "CallbackCommand",
                 format!("body CallbackCommand {body:?} contradicts the URL's {url:?}"),
-            ))
+            ));
         }
-        (None, None) => {
+    }
+    match url_command.or(body_command) {
+        Some(command) if command != DELETE_SUBSCRIBER => {
+            return Ok(Delivery::Ignored {
+                command: command.to_owned(),
+            })
+        }
+        Some(_) => {}
+        None => {
+            json?;
             return Err(PayloadError::field(
                 "CallbackCommand",
                 "CallbackCommand is required",
-            ))
+            ));
         }
-        (None, Some(other)) if other != DELETE_SUBSCRIBER => {
-            return Ok(Delivery::Ignored {
-                command: other.to_owned(),
-            })
-        }
-        _ => {}
     }
+    let json = json?;
+    let object = json
+        .as_object()
+        .ok_or_else(|| PayloadError::body("body must be a JSON object"))?;
     let official = match object.get("Official_Account") {
         Some(Value::String(official)) if !official.is_empty() && official.len() <= MAX_ID_BYTES => {
             official
@@ -409,6 +414,13 @@ mod tests {
         let contradicting = SAMPLE.replace(DELETE_SUBSCRIBER, "Other.Command");
         assert_eq!(
             parse(contradicting.as_bytes(), Some(DELETE_SUBSCRIBER), 1)
+                .err()
+                .and_then(|e| e.field),
+            Some("CallbackCommand".into())
+        );
+        // The other way round too: a delete in the body under another command's URL.
+        assert_eq!(
+            parse(SAMPLE.as_bytes(), other, 1)
                 .err()
                 .and_then(|e| e.field),
             Some("CallbackCommand".into())

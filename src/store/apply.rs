@@ -119,6 +119,14 @@ impl Views {
     }
 }
 
+/// Whether a planned event is new, and so subject to [`Record::refuses`], or one the log
+/// already holds, which was accepted when it was logged.
+#[derive(Clone, Copy)]
+enum Check {
+    Rules,
+    Logged,
+}
+
 pub(super) struct Planner {
     pub rules: Rules,
 }
@@ -136,7 +144,7 @@ impl Planner {
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
             let seq = mine.next_seq();
-            outcomes.push(self.plan_event(view, batch, &mut mine, event, seq)?);
+            outcomes.push(self.plan_event(view, batch, &mut mine, event, seq, Check::Rules)?);
         }
         batch.absorb(mine);
         Ok(outcomes)
@@ -151,7 +159,7 @@ impl Planner {
         event: &Event,
     ) -> Result<(), StoreError> {
         let mut mine = Plan::starting_at(seq);
-        let outcome = self.plan_event(view, batch, &mut mine, event, seq)?;
+        let outcome = self.plan_event(view, batch, &mut mine, event, seq, Check::Logged)?;
         if outcome == Outcome::Duplicate {
             // The log holds only new events; an earlier one with the same key wins, as it did.
             tracing::warn!(
@@ -175,6 +183,7 @@ impl Planner {
         mine: &mut Plan,
         event: &Event,
         seq: u64,
+        check: Check,
     ) -> Result<Outcome, StoreError> {
         let subject = subject_key(&event.subject);
         let record_key = record_key(&subject);
@@ -192,6 +201,9 @@ impl Planner {
             Some(bytes) => Record::decode(bytes)?,
             None => Record::default(),
         };
+        if let (Check::Rules, Some(refusal)) = (check, record.refuses(event)) {
+            return Err(refusal.into());
+        }
         let was_suppressed = record.suppressed();
         let applied = record.apply(event, &self.rules);
         let order = entry_order(event.event_time_ms, seq);
@@ -340,6 +352,7 @@ fn write_plans(
 mod tests {
     use super::*;
     use crate::event::{Kind, Source};
+    use crate::store::Refusal;
 
     fn event(phone: &str, source: Source, kind: Kind, key: &str, time_ms: i64) -> Event {
         Event {
@@ -354,6 +367,62 @@ mod tests {
             receive_time_ms: time_ms,
             details: Default::default(),
         }
+    }
+
+    fn lift_with_note(phone: &str, key: &str, time_ms: i64) -> Event {
+        let mut lift = event(phone, Source::Manual, Kind::Lift, key, time_ms);
+        lift.details.insert("note".into(), "consent form 17".into());
+        lift
+    }
+
+    #[test]
+    fn a_lift_without_a_note_is_refused_over_an_unsubscribe_still_in_flight() {
+        let planner = Planner {
+            rules: Rules::default(),
+        };
+        let (_dir, tree) = tree();
+        let phone = "+4930100005";
+        let mut first = Plan::starting_at(1);
+        let view = View {
+            tree: Some(&tree),
+            in_flight: &[],
+        };
+        planner
+            .plan(
+                &view,
+                &mut first,
+                &[event(phone, Source::Manual, Kind::Suppress, "manual:1", 1)],
+            )
+            .expect("suppress");
+        // The unsubscribe is planned but neither logged nor in sled when the lift is planned.
+        let mut second = Plan::starting_at(first.next_seq());
+        planner
+            .plan(
+                &view,
+                &mut second,
+                &[event(phone, Source::Lox24, Kind::Unsubscribe, "lox24:2", 2)],
+            )
+            .expect("unsubscribe");
+        let in_flight = [Arc::new(first), Arc::new(second)];
+        let view = View {
+            tree: Some(&tree),
+            in_flight: &in_flight,
+        };
+        let mut third = Plan::starting_at(in_flight[1].next_seq());
+        let lift = event(phone, Source::Manual, Kind::Lift, "manual:3", 3);
+        let refused = planner.plan(&view, &mut third, std::slice::from_ref(&lift));
+        assert!(
+            matches!(refused, Err(StoreError::Refused(Refusal::LiftNeedsNote))),
+            "{refused:?}"
+        );
+        assert!(
+            third.is_empty() && third.events.is_empty(),
+            "nothing planned"
+        );
+        planner
+            .plan(&view, &mut third, &[lift_with_note(phone, "manual:4", 3)])
+            .expect("a lift with a note");
+        assert_eq!(third.events.len(), 1);
     }
 
     fn tree() -> (tempfile::TempDir, sled::Tree) {
@@ -456,7 +525,7 @@ mod tests {
                 "lox24:2",
                 3,
             ),
-            event("+4930100002", Source::Manual, Kind::Lift, "manual:3", 7),
+            lift_with_note("+4930100002", "manual:3", 7),
             event(
                 "+4930100003",
                 Source::Lox24,

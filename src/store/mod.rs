@@ -33,7 +33,7 @@ mod index;
 mod keys;
 mod legacy_wal;
 mod log;
-pub mod record;
+mod record;
 mod recovery;
 mod snapshot;
 mod snapshotter;
@@ -50,7 +50,7 @@ use crate::event::{Event, Subject};
 use crate::metrics::Metrics;
 pub use files::FileError;
 pub use keys::{subject_from_key, subject_key};
-pub use record::{Reason, Record, Rules, Status};
+pub use record::{Reason, Record, Refusal, Rules, Status};
 pub use snapshotter::SnapshotPolicy;
 
 /// Reads a snapshot file back whole (as `suppressd backup` does with what it received) and says
@@ -107,6 +107,8 @@ pub enum StoreError {
     Sync(#[from] std::io::Error),
     #[error(transparent)]
     CorruptRecord(#[from] record::CorruptRecord),
+    #[error(transparent)]
+    Refused(#[from] record::Refusal),
     #[error("history entry is unreadable: {0}")]
     CorruptHistory(serde_json::Error),
     #[error("the store is shutting down")]
@@ -135,21 +137,44 @@ impl From<FileError> for StoreError {
     }
 }
 
-/// Every subject's history as it stood at one instant, subject by subject in key order.
+/// A stored record, read in place: its status and reasons come straight from sled's buffer,
+/// so a lookup copies the stored reasons into its response without parsing them.
+pub struct RecordRef {
+    bytes: sled::IVec,
+}
+
+impl RecordRef {
+    pub fn status(&self) -> Result<Status, StoreError> {
+        Ok(record::decode_status(&self.bytes)?)
+    }
+
+    /// The reasons in force, as the JSON array the API shows.
+    pub fn reasons_json(&self) -> Result<&serde_json::value::RawValue, StoreError> {
+        Ok(record::reasons_json(&self.bytes)?)
+    }
+}
+
+/// Every subject's history as it stood at one instant, subject by subject in key order, with
+/// the record those events make.
 pub struct Snapshot {
     histories: Histories,
+    rules: Rules,
 }
 
 impl Iterator for Snapshot {
-    type Item = Result<(Subject, Vec<StoredEvent>), StoreError>;
+    type Item = Result<(Subject, Record, Vec<StoredEvent>), StoreError>;
 
+    /// The record is replayed from the events rather than read: sled's copy may already hold
+    /// events that arrived after the snapshot's instant.
     fn next(&mut self) -> Option<Self::Item> {
         let next = self.histories.next()?;
         Some(next.map(|(subject, events)| {
-            (
-                subject,
-                events.into_iter().map(|(_, event)| event).collect(),
-            )
+            let mut record = Record::default();
+            let events: Vec<StoredEvent> = events.into_iter().map(|(_, event)| event).collect();
+            for stored in &events {
+                record.apply(&stored.event, &self.rules);
+            }
+            (subject, record, events)
         }))
     }
 }
@@ -232,6 +257,7 @@ pub struct Store {
     dir: PathBuf,
     database: Arc<database::Slot>,
     views: Views,
+    rules: Rules,
     committer: mpsc::Sender<committer::Job>,
     committer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -267,6 +293,7 @@ impl Store {
             dir: config.dir.clone(),
             database,
             views,
+            rules: config.rules,
             committer: sender,
             committer_thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -309,6 +336,7 @@ impl Store {
         let below = self.barrier().await?;
         Ok(Snapshot {
             histories: Histories::new(self.database.get()?, below),
+            rules: self.rules,
         })
     }
 
@@ -347,13 +375,14 @@ impl Store {
             })
     }
 
-    /// A subject's stored record bytes (see [`record::reasons_json`]), `None` if never seen.
-    pub fn record_bytes(&self, subject: &Subject) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self
+    /// A subject's stored record, `None` if never seen.
+    pub fn record(&self, subject: &Subject) -> Result<Option<RecordRef>, StoreError> {
+        let bytes = self
             .database
             .get()?
             .tree
-            .get(record_key(&subject_key(subject)))?)
+            .get(record_key(&subject_key(subject)))?;
+        Ok(bytes.map(|bytes| RecordRef { bytes }))
     }
 
     /// Whether a subject is suppressed, reading only the record's fixed header.
@@ -637,7 +666,7 @@ mod tests {
             .await
             .expect("snapshot")
             .map(|entry| {
-                let (subject, events) = entry.expect("entry");
+                let (subject, _, events) = entry.expect("entry");
                 let times = events.iter().map(|e| e.event.event_time_ms).collect();
                 (subject, times)
             })

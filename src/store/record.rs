@@ -44,9 +44,22 @@ pub struct Record {
     /// Consecutive `sms_lost` events, in arrival order, since the last `sms_click`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_streak: u32,
-    /// Event time of the latest lift: suppressing events older than this lose to it.
+    /// Event time of the latest lift with a note (evidence of renewed consent): suppressing
+    /// events older than this lose to it, as late retries of what the person took back. A lift
+    /// without a note only ends what is in force; an opt-out that arrives after it, however old
+    /// its event time, still counts, since no consent covers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifted_at_ms: Option<i64>,
+}
+
+/// Whether an operator's event carries a note, the evidence of consent a lift over a person's
+/// own opt-out needs.
+fn carries_note(event: &Event) -> bool {
+    event
+        .details
+        .get("note")
+        .and_then(Value::as_str)
+        .is_some_and(|note| !note.trim().is_empty())
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -71,6 +84,22 @@ impl Default for Rules {
 pub struct Status {
     pub suppressed: bool,
     pub since_ms: Option<i64>,
+}
+
+/// A new event the rules refuse to record, whatever the request that carries it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("this suppression includes the person's own unsubscribe; lifting it needs a note with the evidence of renewed consent")]
+    LiftNeedsNote,
+}
+
+impl Refusal {
+    /// The request field the refusal is about.
+    pub fn field(self) -> &'static str {
+        match self {
+            Refusal::LiftNeedsNote => "note",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,14 +136,16 @@ impl Record {
                 let before = self.reasons.len();
                 self.reasons
                     .retain(|r| r.event_time_ms >= event.event_time_ms);
-                let lifted_at = self
-                    .lifted_at_ms
-                    .map_or(event.event_time_ms, |t| t.max(event.event_time_ms));
+                let lifted_at = match (self.lifted_at_ms, carries_note(event)) {
+                    (Some(t), true) => Some(t.max(event.event_time_ms)),
+                    (None, true) => Some(event.event_time_ms),
+                    (lifted_at, false) => lifted_at,
+                };
                 let changed = before != self.reasons.len()
                     || self.lost_streak != 0
-                    || self.lifted_at_ms != Some(lifted_at);
+                    || self.lifted_at_ms != lifted_at;
                 self.lost_streak = 0;
-                self.lifted_at_ms = Some(lifted_at);
+                self.lifted_at_ms = lifted_at;
                 if changed {
                     self.changed_at_ms = event.receive_time_ms;
                 }
@@ -155,6 +186,18 @@ impl Record {
     /// person (a provider unsubscribe) rather than from an operator or from undeliverability.
     pub fn lift_needs_note(&self) -> bool {
         self.reasons.iter().any(|r| r.kind == Kind::Unsubscribe)
+    }
+
+    /// Whether the rules refuse `event` as a new event on this record. The committer asks this
+    /// against the record as it plans the event, after every earlier event, so an unsubscribe
+    /// that lands just before a lift is seen by it. Replays of the log do not ask: what was
+    /// logged was accepted.
+    pub fn refuses(&self, event: &Event) -> Option<Refusal> {
+        (event.kind == Kind::Lift
+            && self.suppressed()
+            && self.lift_needs_note()
+            && !carries_note(event))
+        .then_some(Refusal::LiftNeedsNote)
     }
 
     fn add_reason(&mut self, event: &Event, kind: Kind) -> bool {
@@ -371,13 +414,24 @@ mod tests {
         }
     }
 
+    fn lift_with_note(at_ms: i64) -> Event {
+        let mut lift = manual(Kind::Lift, at_ms);
+        lift.details.insert("note".into(), "consent form 17".into());
+        lift
+    }
+
     #[test]
     fn ordering_is_by_event_time_and_suppression_wins_ties() {
         let rules = Rules::default();
         let mut record = Record::default();
         record.apply(&unsubscribe("u1", 1_000), &rules);
         assert!(record.lift_needs_note());
-        assert!(record.apply(&manual(Kind::Lift, 2_000), &rules));
+        assert_eq!(
+            record.refuses(&manual(Kind::Lift, 2_000)),
+            Some(Refusal::LiftNeedsNote)
+        );
+        assert_eq!(record.refuses(&lift_with_note(2_000)), None);
+        assert!(record.apply(&lift_with_note(2_000), &rules));
         assert!(!record.suppressed());
         assert!(
             !record.apply(&unsubscribe("late retry", 1_000), &rules),
@@ -388,7 +442,7 @@ mod tests {
             record.apply(&unsubscribe("tie", 2_000), &rules),
             "a tie goes to suppression"
         );
-        assert!(!record.apply(&manual(Kind::Lift, 2_000), &rules));
+        assert!(!record.apply(&lift_with_note(2_000), &rules));
         assert!(
             record.suppressed(),
             "a lift at the same time does not remove it"
@@ -404,9 +458,27 @@ mod tests {
         record.apply(&manual(Kind::Suppress, 1_000), &rules);
         record.apply(&sendios(Kind::SmsLost, 1_500), &rules);
         assert!(record.suppressed() && !record.lift_needs_note());
+        assert_eq!(record.refuses(&manual(Kind::Lift, 2_000)), None);
         assert!(record.apply(&manual(Kind::Lift, 2_000), &rules));
         assert!(!record.suppressed());
         assert_eq!(record.lost_streak, 0, "a lift resets the lost streak");
+    }
+
+    #[test]
+    fn an_opt_out_that_arrives_after_a_lift_without_a_note_counts_however_old() {
+        let rules = Rules::default();
+        let mut record = Record::default();
+        record.apply(&manual(Kind::Suppress, 1_000), &rules);
+        assert!(record.apply(&manual(Kind::Lift, 3_000), &rules));
+        assert!(
+            record.apply(&unsubscribe("sent before the lift", 2_000), &rules),
+            "no consent covered this opt-out"
+        );
+        assert!(record.suppressed());
+        assert_eq!(
+            record.refuses(&manual(Kind::Lift, 4_000)),
+            Some(Refusal::LiftNeedsNote)
+        );
     }
 
     #[test]
