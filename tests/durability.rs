@@ -212,8 +212,7 @@ async fn concurrent_deliveries_share_flushes() {
 async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let Some(_tmpfs) = Tmpfs::mount(&dir.path().join("data"), "48m") else {
-        eprintln!("SKIPPED a_full_disk_answers_500_and_the_store_recovers_when_space_returns: mounting a tmpfs needs root");
-        return;
+        panic!("a_full_disk_answers_500_and_the_store_recovers_when_space_returns: mounting a tmpfs needs root; run the suite as root with .ci/run");
     };
     let (notify, server) = start_watched(
         dir.clone(),
@@ -335,13 +334,12 @@ async fn a_full_disk_answers_500_and_the_store_recovers_when_space_returns() {
 #[tokio::test]
 async fn a_data_directory_turned_read_only_answers_500_and_recovers_once_repaired() {
     const TEST: &str = "a_data_directory_turned_read_only_answers_500_and_recovers_once_repaired";
-    if !common::tools_present(TEST, &["mkfs.ext4", "e2fsck", "losetup"]) {
-        return;
-    }
+    common::require_tools(TEST, &["mkfs.ext4", "e2fsck", "losetup"]);
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let Some(fs) = LoopExt4::mount(&dir.path().join("fs.img"), &dir.path().join("data"), 64) else {
-        eprintln!("SKIPPED {TEST}: loop-mounting a file system needs root");
-        return;
+        panic!(
+            "{TEST}: loop-mounting a file system needs root; run the suite as root with .ci/run"
+        );
     };
     let (notify, mut server) =
         start_watched(dir.clone(), Duration::from_secs(1), Options::default());
@@ -408,14 +406,13 @@ async fn the_watchdog_is_pinged_through_a_reopen_longer_than_its_timeout() {
     const REOPENING: &str = "STATUS=reopening the database after a storage failure";
     const WATCHDOG_TIMEOUT: Duration = Duration::from_millis(250);
     const NUMBERS: usize = 40_000;
-    if !common::tools_present(TEST, &["mkfs.ext4", "e2fsck", "losetup"]) {
-        return;
-    }
+    common::require_tools(TEST, &["mkfs.ext4", "e2fsck", "losetup"]);
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let Some(fs) = LoopExt4::mount(&dir.path().join("fs.img"), &dir.path().join("data"), 256)
     else {
-        eprintln!("SKIPPED {TEST}: loop-mounting a file system needs root");
-        return;
+        panic!(
+            "{TEST}: loop-mounting a file system needs root; run the suite as root with .ci/run"
+        );
     };
     let (notify, server) = start_watched(dir.clone(), WATCHDOG_TIMEOUT, Options::default());
     // A list whose open takes longer than the watchdog's timeout (~1.8 s in a debug build).

@@ -9,9 +9,7 @@ use std::process::Command;
 
 #[test]
 fn every_fuzz_target_survives_a_bounded_run() {
-    if !common::tools_present("fuzz", &["cargo-fuzz"]) {
-        return;
-    }
+    common::require_tools("fuzz", &["cargo-fuzz"]);
     let seconds = std::env::var("FUZZ_SECONDS").unwrap_or_else(|_| "5".to_owned());
     let output = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/run-bounded.sh"))
         .env("FUZZ_SECONDS", &seconds)

@@ -122,9 +122,7 @@ fn schemathesis(paths: &str, url: &str, extra: &[&str]) {
 
 #[test]
 fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
-    if !common::tools_present("schemathesis", &["schemathesis"]) {
-        return;
-    }
+    common::require_tools("schemathesis", &["schemathesis"]);
     let server = start();
     let api = format!("http://{}", server.api);
     let webhooks = format!("https://{}", server.webhook);

@@ -2,15 +2,15 @@
 //! against the installed files, the package's contents, and install / remove / purge into a
 //! scratch root.
 //!
-//! These need `systemd-analyze`, `man`, `dpkg` and `cargo-deb`, which `.ci/run` installs and then
-//! requires (`SUPPRESSD_REQUIRE_TOOLS=1`); elsewhere a missing tool skips the test with a message.
+//! These need `systemd-analyze`, `man`, `dpkg` and `cargo-deb`, which `.ci/run` installs; a missing
+//! tool fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use std::process::Command;
 
-use common::tools_present;
+use common::require_tools;
 
 const PACKAGE: &str = "suppressd";
 
@@ -27,12 +27,10 @@ fn run(command: &mut Command) -> String {
 
 #[test]
 fn unit_security_exposure_is_at_most_1_5() {
-    if !tools_present(
+    require_tools(
         "unit_security_exposure_is_at_most_1_5",
         &["systemd-analyze"],
-    ) {
-        return;
-    }
+    );
     let report = run(Command::new("systemd-analyze").args([
         "security",
         "--offline=yes",
@@ -58,12 +56,10 @@ fn unit_security_exposure_is_at_most_1_5() {
 #[test]
 fn package_installs_verifies_and_purges_in_a_scratch_root() {
     let tools = ["cargo-deb", "dpkg", "dpkg-deb", "systemd-analyze", "man"];
-    if !tools_present(
+    require_tools(
         "package_installs_verifies_and_purges_in_a_scratch_root",
         &tools,
-    ) {
-        return;
-    }
+    );
     let out = tempfile::tempdir().unwrap();
     let deb = out.path().join("suppressd.deb");
     run(Command::new("packaging/build-deb.sh")

@@ -8,18 +8,16 @@
 
 mod common;
 
-use common::{lox24_event, tools_present, Options, Server};
+use common::{lox24_event, require_tools, Options, Server};
 
 const DELIVERIES: usize = 20;
 
 #[tokio::test]
 async fn every_acknowledgement_follows_an_fdatasync_of_the_log() {
-    if !tools_present(
+    require_tools(
         "every_acknowledgement_follows_an_fdatasync_of_the_log",
         &["strace"],
-    ) {
-        return;
-    }
+    );
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let trace = dir.path().join("strace.out");
     let mut server = Server::start_in(

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{lox24_event, release_binary, tools_present, LoopExt4, Options, Server};
+use common::{lox24_event, release_binary, require_tools, LoopExt4, Options, Server};
 use serde_json::json;
 
 const TEST: &str = "power_cuts_under_load_never_lose_an_acknowledged_number";
@@ -144,9 +144,7 @@ async fn run_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_under_load_never_lose_an_acknowledged_number() {
-    if !tools_present(TEST, &["mkfs.ext4", "e2fsck", "losetup"]) {
-        return;
-    }
+    require_tools(TEST, &["mkfs.ext4", "e2fsck", "losetup"]);
     for (series, presynced) in [(1u64, false), (2, true)] {
         for round in 0..ROUNDS {
             // Spread over 2–7 s, the same every run.
