@@ -127,6 +127,11 @@ async fn a_bulk_check_without_a_list_or_with_an_unknown_member_is_400() {
         ),
         ("{}", "phones"),
         ("  { }  ", "phones"),
+        (
+            r#"{"phones": ["+4915112345678"], "accounts": null}"#,
+            "accounts",
+        ),
+        (r#"{"phones": "+4915112345678"}"#, "phones"),
     ] {
         let reply = server.api("POST", "/v1/check", body).await;
         assert_eq!(reply.status, 400, "{body}: {}", reply.text);

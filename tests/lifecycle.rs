@@ -177,10 +177,10 @@ async fn sighup_swaps_the_certificate_under_load() {
     let (mismatched, _) = self_signed();
     std::fs::write(&cert_path, &mismatched).unwrap();
     server.signal(libc::SIGHUP);
-    wait_for_log(&server, "do not form a usable pair").await;
+    server.wait_for_log("do not form a usable pair").await;
     std::fs::write(&cert_path, "not a certificate").unwrap();
     server.signal(libc::SIGHUP);
-    wait_for_log(&server, "holds no certificate").await;
+    server.wait_for_log("holds no certificate").await;
     assert_eq!(server.served_certificate().await, new_der);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -204,14 +204,6 @@ async fn sighup_swaps_the_certificate_under_load() {
         "{logs}"
     );
     assert!(logs.contains("reloaded the TLS certificate"), "{logs}");
-}
-
-async fn wait_for_log(server: &Server, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.logs().contains(needle) {
-        assert!(Instant::now() < deadline, "log never said {needle:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// SIGTERM while a request's body is half sent and deliveries stream in: the half-sent request

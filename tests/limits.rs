@@ -301,15 +301,32 @@ async fn plain_http_webhooks_only_with_insecure_http() {
         "no certificate needed"
     );
 
-    // Without the flag the same plain request gets no HTTP answer: the listener speaks TLS.
+    // Without the flag the listener speaks TLS: the same plain request is not served, only
+    // told (400) to use an https:// URL, and nothing is stored.
     let tls_server = Server::start(Options::default());
     let tcp = TcpStream::connect(tls_server.webhook).await.unwrap();
-    let plain = common::send(tcp, "GET", "/webhooks/lox24", &[], Bytes::new()).await;
+    let plain = common::send(
+        tcp,
+        "POST",
+        "/webhooks/lox24",
+        &[("authorization", &auth())],
+        Bytes::from(lox24_event(
+            "8d7f0c4e-0000-4000-8000-000000000005",
+            "+4930123459",
+            1_700_000_000,
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(plain.status, 400, "{}", plain.text);
+    let hint: serde_json::Value = serde_json::from_str(&plain.text).unwrap();
     assert!(
-        plain.is_err(),
-        "plain HTTP was answered on the TLS listener: {:?}",
-        plain.map(|r| r.status)
+        hint["error"].as_str().unwrap().contains("https://"),
+        "{}",
+        plain.text
     );
+    let lookup = tls_server.get("/v1/phones/%2B4930123459").await;
+    assert_eq!(lookup.json()["suppressed"], false, "{}", lookup.text);
 
     // The flag contradicts a certificate.
     let (status, stderr) = common::run_to_exit(&[

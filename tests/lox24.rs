@@ -319,7 +319,7 @@ async fn cosmetic_fields_never_lose_the_opt_out() {
         );
     }
     assert_eq!(details["phone_as_sent"], "0043 676 6304011");
-    let logs = server.logs();
+    let logs = server.wait_for_log("stored with fields absent").await;
     assert!(
         logs.contains("WARN") && logs.contains("data.user_id"),
         "{logs}"

@@ -27,23 +27,56 @@ const MAX_CHECK_BODY: usize = 4 * 1024 * 1024;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CheckRequest<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "phones_list")]
     phones: Option<Vec<CheckEntry<'a>>>,
+    #[serde(default, deserialize_with = "accounts_list")]
     accounts: Option<Vec<Value>>,
 }
 
 const CHECK_BODY_SHAPE: &str = "body must be {\"phones\": [\"...\"]} or {\"accounts\": [...]}";
+const LIST_MEMBERS: [&str; 2] = ["phones", "accounts"];
 
-/// Parses a JSON check body; an unknown member is a 400 that names it.
+fn phones_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<CheckEntry<'de>>>, D::Error> {
+    present_list(deserializer, "phones")
+}
+
+fn accounts_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<Value>>, D::Error> {
+    present_list(deserializer, "accounts")
+}
+
+/// A member that is present must be a list: `"accounts": null` is as likely a client's bug as a
+/// misspelt member, so it is refused rather than read as "no accounts".
+fn present_list<'de, D, T>(deserializer: D, member: &str) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Vec::deserialize(deserializer)
+        .map(Some)
+        .map_err(|error| de::Error::custom(format!("`{member}` must be a list: {error}")))
+}
+
+/// Parses a JSON check body; an unknown member, or a member that is not a list, is a 400 that
+/// names it.
 fn parse_check_request(body: &[u8]) -> Result<(Vec<CheckEntry<'_>>, Vec<Value>), HttpError> {
     require_object(body, CHECK_BODY_SHAPE)?;
     let parsed: CheckRequest<'_> = serde_json::from_slice(body).map_err(|error| {
         let message = error.to_string();
-        match unknown_member(&message) {
-            Some(member) => HttpError::bad_field(
+        if let Some(member) = unknown_member(&message) {
+            return HttpError::bad_field(
                 &member,
                 format!("unknown member `{member}`; {CHECK_BODY_SHAPE}"),
-            ),
+            );
+        }
+        match LIST_MEMBERS
+            .iter()
+            .find(|member| message.starts_with(&format!("`{member}`")))
+        {
+            Some(member) => HttpError::bad_field(member, format!("{message}; {CHECK_BODY_SHAPE}")),
             None => HttpError::bad_request(format!("{CHECK_BODY_SHAPE}: {message}")),
         }
     })?;

@@ -395,6 +395,23 @@ impl Server {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// The logs once they contain `needle`: the server writes a line before it answers, but this
+    /// process reads its stderr on another thread, so a line can arrive after the reply.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "log never said {needle:?}:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `POST` to the webhook listener over HTTPS.
     pub async fn webhook(
         &self,
