@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use super::history::{history_entries, KeyOfStoredEvent};
-use super::index::PhoneIndex;
+use super::index::{since_if_suppressed, IndexBuilder, PhoneIndex};
 use super::keys::{
     entry_order, history_key, inline_entry, phone_of_record_key, record_key, seen_key, stamp_key,
     subject_key, Stamp,
@@ -299,15 +299,53 @@ pub(super) fn write(
     write_plans(tree, views, plans, stamp, Some(applied))
 }
 
-/// Like [`write`], but leaves the stored stamp alone: for the snapshot phase of a rebuild,
-/// whose tree must not claim any progress until the whole snapshot is in.
-pub(super) fn write_unstamped(
+/// What a rebuild wrote, gathered as it goes so that it need not scan the tree afterwards: the
+/// records it created, the change in suppressed accounts, and every phone record's `since`
+/// (`None`: not suppressed) in the order written, so that the last write of a number wins.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub records: u64,
+    pub suppressed_accounts: i64,
+    pub phones: Vec<(u64, Option<i64>)>,
+}
+
+impl Tally {
+    /// The phone index of the numbers whose last written record is suppressed.
+    pub fn phone_index(mut self) -> PhoneIndex {
+        // Stable, so that among one number's writes the last stays last.
+        self.phones.sort_by_key(|&(number, _)| number);
+        let mut builder = IndexBuilder::new();
+        let mut writes = self.phones.into_iter().peekable();
+        while let Some((number, since_ms)) = writes.next() {
+            let superseded = writes.peek().is_some_and(|&(next, _)| next == number);
+            if let (false, Some(since_ms)) = (superseded, since_ms) {
+                builder.add_since(number, since_ms);
+            }
+        }
+        builder.build()
+    }
+}
+
+/// Writes a plan for a rebuild: key by key rather than as one sled batch, whose lock would stall
+/// a planner reading the tree meanwhile, and without the stamp, which a rebuilt tree gets only
+/// once it is whole (a crash before leaves no stamp, and the next start rebuilds again).
+pub(super) fn insert_unstamped(
     tree: &sled::Tree,
-    views: &Views,
     plan: &Plan,
-    stamp: &mut Stamp,
+    tally: &mut Tally,
 ) -> Result<(), sled::Error> {
-    write_plans(tree, views, &[plan], stamp, None)
+    // In key order, as a batch would be: neighbouring keys share sled's pages.
+    let mut writes: Vec<(&Vec<u8>, &Vec<u8>)> = plan.writes.iter().collect();
+    writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (key, value) in writes {
+        if let Some(number) = phone_of_record_key(key) {
+            tally.phones.push((number, since_if_suppressed(value)));
+        }
+        tree.insert(key.as_slice(), value.as_slice())?;
+    }
+    tally.records += plan.new_records;
+    tally.suppressed_accounts += plan.suppressed_accounts;
+    Ok(())
 }
 
 fn write_plans(

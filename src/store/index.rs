@@ -46,7 +46,7 @@ const FAR: u32 = u32::MAX;
 
 /// The `since` of a stored phone record if it is suppressed: what the index keeps of it. Every
 /// answer shows `since` in whole seconds, so that is all the index keeps, in 4 bytes.
-fn since_if_suppressed(value: &[u8]) -> Option<i64> {
+pub(super) fn since_if_suppressed(value: &[u8]) -> Option<i64> {
     let status = decode_status(value).unwrap_or_default();
     let since_ms = status.since_ms.filter(|_| status.suppressed)?;
     Some(since_ms.div_euclid(1000).saturating_mul(1000))
@@ -211,9 +211,13 @@ impl IndexBuilder {
     }
 
     pub fn add(&mut self, number: u64, value: &[u8]) {
-        let Some(since_ms) = since_if_suppressed(value) else {
-            return;
-        };
+        if let Some(since_ms) = since_if_suppressed(value) {
+            self.add_since(number, since_ms);
+        }
+    }
+
+    /// Adds a suppressed number; `since_ms` as [`since_if_suppressed`] gives it.
+    pub fn add_since(&mut self, number: u64, since_ms: i64) {
         let shard = &mut self.shards[shard_of(number)];
         if shard.numbers.last().is_some_and(|&last| last >= number) {
             // Out of order (not expected from a key scan): an ordinary change keeps it right.

@@ -18,9 +18,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::apply::{self, Plan, Planner, View, Views};
+use super::apply::{self, Plan, Planner, Tally, View, Views};
 use super::database::Database;
 use super::files::{io_error, sync_dir, FileError};
 use super::index::IndexBuilder;
@@ -99,14 +100,7 @@ pub(super) fn open(
     tracing::warn!("rebuilding the database from the snapshot and the log: {why}");
     move_aside(config)?;
     let database = open_sled(config)?;
-    let stamp = rebuild(&database, &log, &snapshots, planner)?;
-    build_views(&database, views, &stamp).and_then(|built| match built {
-        Ok(()) => Ok(()),
-        Err(why) => Err(StoreError::Corrupt {
-            path: config.sled_dir(),
-            detail: format!("the rebuilt database does not add up: {why}"),
-        }),
-    })?;
+    let stamp = rebuild(&database, &log, &snapshots, planner, views)?;
     database.make_durable()?;
     metrics.store_rebuilt();
     tracing::warn!(
@@ -335,16 +329,16 @@ fn move_aside(config: &StoreConfig) -> Result<(), StoreError> {
 }
 
 /// Fills the empty `database` from the newest snapshot that reads back whole and the log after
-/// it. The stamp is written only once the snapshot is in, so a crash during a rebuild leaves a
-/// tree without one, which the next open rebuilds again.
+/// it, and the in-memory views from what it wrote. The stamp is written only once everything is
+/// in, so a crash during a rebuild leaves a tree without one, which the next open rebuilds again.
 fn rebuild(
     database: &Database,
     log: &Log,
     snapshots: &[snapshot::SnapshotFile],
     planner: &Planner,
+    views: &Views,
 ) -> Result<Stamp, StoreError> {
-    let mut stamp = Stamp::default();
-    let views = Views::new();
+    let mut tally = Tally::default();
     let mut from = log.first_seq();
     let mut damaged: Option<FileError> = None;
     for file in snapshots {
@@ -359,7 +353,7 @@ fn rebuild(
             damaged.get_or_insert(e);
             continue;
         }
-        let subjects = replay_snapshot(database, &file.path, planner, &mut stamp)?;
+        let subjects = replay_snapshot(database, &file.path, planner, &mut tally)?;
         tracing::info!(
             subjects,
             file = %file.path.display(),
@@ -373,27 +367,34 @@ fn rebuild(
         // Every snapshot the log depends on is damaged: what it held exists nowhere else.
         return Err(damage.into());
     }
+    let events = replay_log_pipelined(database, log, from, planner, &mut tally, REPLAY_BATCH)?;
+    let mut stamp = Stamp {
+        applied: 0,
+        records: tally.records,
+    };
     apply::write(
         &database.tree,
-        &views,
+        &Views::new(),
         &[],
         &mut stamp,
-        from.saturating_sub(1),
+        from.saturating_sub(1) + events,
     )?;
-    replay_log(database, log, from, planner, &mut stamp)?;
+    views
+        .suppressed_accounts
+        .store(tally.suppressed_accounts, Ordering::Relaxed);
+    views.phones.replace(tally.phone_index());
     Ok(stamp)
 }
 
-/// Replays a verified snapshot into the empty `database`, unstamped, in two threads: one reads
-/// and plans (against an empty tree: see [`View::tree`]), the other writes to sled, which is the
-/// slower half. Returns how many subjects it held.
+/// Replays a verified snapshot into the empty `database` in two threads: one reads and plans
+/// (against an empty tree: see [`View::tree`]), the other writes to sled, which is the slower
+/// half. Returns how many subjects it held.
 fn replay_snapshot(
     database: &Database,
     path: &Path,
     planner: &Planner,
-    stamp: &mut Stamp,
+    tally: &mut Tally,
 ) -> Result<u64, StoreError> {
-    let views = Views::new();
     let (plans, planned) = std::sync::mpsc::sync_channel::<Plan>(4);
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || -> Result<u64, StoreError> {
@@ -416,12 +417,13 @@ fn replay_snapshot(
                     return Ok(subjects);
                 }
             }
-            let _ = plans.send(plan);
+            // A failed send means the writer stopped on an error, which it reports.
+            plans.send(plan).ok();
             Ok(subjects)
         });
         let mut written = Ok(());
         for plan in planned.iter() {
-            written = apply::write_unstamped(&database.tree, &views, &plan, stamp);
+            written = apply::insert_unstamped(&database.tree, &plan, tally);
             if written.is_err() {
                 break;
             }
@@ -433,6 +435,83 @@ fn replay_snapshot(
             .map_err(|_| StoreError::Unavailable("the rebuild's reader panicked".into()))??;
         written?;
         Ok(subjects)
+    })
+}
+
+/// Replays the log from `from` into a tree being rebuilt, planning in this thread while another
+/// writes the previous plan: the planner reads the tree through the plans not yet written
+/// ([`View::in_flight`]), and the writer drops a plan from them only once it is all in the tree.
+/// Hands plans of about `batch` writes over. Returns how many events it replayed.
+fn replay_log_pipelined(
+    database: &Database,
+    log: &Log,
+    from: u64,
+    planner: &Planner,
+    tally: &mut Tally,
+    batch: usize,
+) -> Result<u64, StoreError> {
+    let in_flight: Mutex<Vec<Arc<Plan>>> = Mutex::new(Vec::new());
+    let pending = || {
+        in_flight
+            .lock()
+            .map_or_else(|p| p.into_inner().clone(), |g| g.clone())
+    };
+    let (plans, planned) = std::sync::mpsc::sync_channel::<Arc<Plan>>(2);
+    std::thread::scope(|scope| {
+        let (tree, written_plans) = (&database.tree, &in_flight);
+        let writer = scope.spawn(move || -> Result<(), StoreError> {
+            for plan in planned.iter() {
+                apply::insert_unstamped(tree, &plan, tally)?;
+                let mut in_flight = written_plans.lock().unwrap_or_else(|p| p.into_inner());
+                if !in_flight.is_empty() {
+                    in_flight.remove(0);
+                }
+            }
+            Ok(())
+        });
+        let mut plan = Plan::default();
+        let mut replayed = 0;
+        let writer_gone = std::cell::Cell::new(false);
+        let hand_over = |plan: Plan| {
+            let plan = Arc::new(plan);
+            in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(plan.clone());
+            // A failed send means the writer stopped on an error, which it reports.
+            if plans.send(plan).is_err() {
+                writer_gone.set(true);
+            }
+        };
+        let planned_all = log.replay_from(from, |events| -> Result<(), StoreError> {
+            let mut seen = pending();
+            for (seq, event) in events {
+                if writer_gone.get() {
+                    break;
+                }
+                let view = View {
+                    tree: Some(&database.tree),
+                    in_flight: &seen,
+                };
+                planner.replay(&view, &mut plan, seq, &event)?;
+                replayed += 1;
+                if plan.writes_len() >= batch {
+                    hand_over(std::mem::take(&mut plan));
+                    seen = pending();
+                }
+            }
+            Ok(())
+        });
+        if planned_all.is_ok() && !writer_gone.get() {
+            hand_over(plan);
+        }
+        drop(plans);
+        let written = writer
+            .join()
+            .map_err(|_| StoreError::Unavailable("the rebuild's writer panicked".into()))?;
+        planned_all?;
+        written?;
+        Ok(replayed)
     })
 }
 
@@ -501,4 +580,112 @@ fn migrate_legacy(config: &StoreConfig, planner: &Planner) -> Result<(), StoreEr
         "the data directory is on the log now"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, Kind, Source, Subject};
+    use crate::store::record::Rules;
+
+    fn event(phone: &str, source: Source, kind: Kind, key: &str, time_ms: i64) -> Event {
+        let mut event = Event {
+            subject: Subject::Phone {
+                phone: phone.into(),
+            },
+            source,
+            kind,
+            idempotency_key: key.into(),
+            event_id: None,
+            event_time_ms: time_ms,
+            receive_time_ms: time_ms,
+            details: Default::default(),
+        };
+        if kind == Kind::Lift {
+            event
+                .details
+                .insert("note".into(), "consent form 17".into());
+        }
+        event
+    }
+
+    fn dump(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv.expect("entry");
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    /// A rebuild plans each batch while the one before is still being written, so every event
+    /// that depends on an earlier one (a redelivery, a lift, a lost streak) reads it from a plan
+    /// in flight or from the tree. With one event per plan, every such read crosses a batch: the
+    /// tree and the index must come out as a replay one batch at a time makes them.
+    #[test]
+    fn a_pipelined_replay_writes_what_a_sequential_one_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = Log::open(&dir.path().join("log"), 1, 1 << 20).expect("log");
+        let phones = ["+4930100011", "+4930100012", "+4930100013"];
+        let mut events = Vec::new();
+        for round in 0..4i64 {
+            for (i, phone) in phones.iter().enumerate() {
+                let t = round * 10 + i as i64;
+                let (source, kind) = match (round, i) {
+                    (1, 0) => (Source::Manual, Kind::Lift),
+                    (_, 1) => (Source::Sendios, Kind::SmsLost),
+                    (3, 2) => (Source::Manual, Kind::Lift),
+                    _ => (Source::Lox24, Kind::Unsubscribe),
+                };
+                events.push(event(phone, source, kind, &format!("k:{round}:{i}"), t));
+            }
+        }
+        for event in &events {
+            log.append(&[event]).expect("append");
+        }
+        let planner = Planner {
+            rules: Rules { lost_threshold: 3 },
+        };
+
+        let sequential = Database::open(&dir.path().join("a"), 1 << 20).expect("sled");
+        let mut stamp = Stamp::default();
+        replay_log(&sequential, &log, 1, &planner, &mut stamp).expect("sequential replay");
+
+        let pipelined = Database::open(&dir.path().join("b"), 1 << 20).expect("sled");
+        let mut tally = Tally::default();
+        let replayed = replay_log_pipelined(&pipelined, &log, 1, &planner, &mut tally, 1)
+            .expect("pipelined replay");
+        assert_eq!(replayed, events.len() as u64);
+        assert_eq!(tally.records, stamp.records);
+
+        let without_stamp = |tree: &sled::Tree| {
+            let mut entries = dump(tree);
+            entries.retain(|(key, _)| key.as_slice() != stamp_key());
+            entries
+        };
+        assert_eq!(
+            without_stamp(&sequential.tree),
+            without_stamp(&pipelined.tree)
+        );
+        let index = tally.phone_index();
+        let views = Views::new();
+        build_views(&sequential, &views, &stamp)
+            .expect("scan")
+            .expect("counts agree");
+        for phone in phones {
+            let digits = crate::phone::e164_digits(phone).expect("digits");
+            assert_eq!(
+                index.status(digits),
+                views.phones.status(digits),
+                "{phone} in the index"
+            );
+        }
+        // The first number was lifted, then unsubscribed again; the third ends lifted.
+        let suppressed = |phone| {
+            let digits = crate::phone::e164_digits(phone).expect("digits");
+            index.status(digits).suppressed
+        };
+        assert!(suppressed(phones[0]));
+        assert!(!suppressed(phones[2]));
+    }
 }
