@@ -63,6 +63,11 @@ printf 'deliveries:       %s/s (1 in 4 a retry);%s; non-200 answers: %s\n' "$(rp
 printf 'suppressed phones %s; RSS at end %s MiB (max %s); disk %s MiB\n' "$phones" "$rss_end" "$rss_max" "$((disk_bytes / 1048576))"
 # Each sample's RSS over the suppressed phones at that moment: the list grows during the load.
 awk -v d="$disk_bytes" -v n="$phones" 'NR > 1 && $3 > 0 {b = $2 * 1048576 / $3; if (b > m) m = b} END {printf "per suppressed number: at most %.1f B of RSS (of any sample), %.0f B on disk\n", m, d / n}' "$work/rss"
+# The log and the snapshots are the list's truth, sled a view of it: their disk use apart.
+for part in log snapshots db; do
+  bytes=$(du -sb "$work/data/$part" 2>/dev/null | cut -f1)
+  awk -v b="${bytes:-0}" -v n="$phones" -v p="$part" 'BEGIN {printf "  %s: %.0f B per suppressed number\n", p, b / n}'
+done
 
 kill -9 "$pid"
 wait "$pid" 2>/dev/null || true
