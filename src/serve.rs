@@ -118,9 +118,15 @@ pub async fn serve(
 
     // Bound before anything is written to the data directory: a start that cannot listen
     // leaves no trace there.
+    let api_threads = match args.api_threads {
+        0 => {
+            std::thread::available_parallelism().map_or(1, |cores| (usize::from(cores) / 2).max(1))
+        }
+        n => usize::from(n),
+    };
     let listeners = Listeners {
         webhook: server::bind(webhook_addrs[0], "--webhook-listen").await?,
-        api: server::bind(api_addrs[0], "--api-listen").await?,
+        api: server::bind_shared(api_addrs[0], api_threads, "--api-listen").await?,
         max_connections: args.max_connections as usize,
         header_read_timeout: std::time::Duration::from_secs(args.request_header_timeout.max(1)),
     };
@@ -128,6 +134,7 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let store_config = StoreConfig {
         cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+        lookup_cache_bytes: args.lookup_cache_mb.saturating_mul(1024 * 1024),
         rules: Rules {
             lost_threshold: args.sendios_lost_threshold,
         },
@@ -169,7 +176,12 @@ pub async fn serve(
     });
     tracing::info!(
         webhook = %local_addr(&listeners.webhook),
-        api = %local_addr(&listeners.api),
+        api = %listeners
+            .api
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        api_threads = listeners.api.len(),
         data_dir = %args.data_dir.display(),
         "suppressd ready"
     );

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::state::AppState;
 use crate::tls::Tls;
@@ -37,7 +37,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub struct Listeners {
     pub webhook: TcpListener,
-    pub api: TcpListener,
+    /// One per API thread, all bound to the same address with SO_REUSEPORT: the kernel spreads
+    /// new connections over them and each thread serves its own, as nginx's workers do, so a
+    /// lookup is never handed from one thread to another.
+    pub api: Vec<std::net::TcpListener>,
     /// Most open connections per listener; further ones are closed as soon as accepted.
     pub max_connections: usize,
     /// A client must send a request's headers within this time (slowloris protection). hyper
@@ -62,8 +65,19 @@ impl Side {
     }
 }
 
+/// What an API thread needs to serve its listener.
+#[derive(Clone)]
+struct ApiServing {
+    state: Arc<AppState>,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    builder: Arc<hyper::server::conn::http1::Builder>,
+    close_requested: watch::Receiver<bool>,
+}
+
 /// Serves both listeners until `shutdown` resolves. `tls` is `None` only with
-/// `--insecure-http`, when a proxy in front terminates TLS.
+/// `--insecure-http`, when a proxy in front terminates TLS. Webhooks are served on the caller's
+/// runtime; the API on threads of its own (see [`Listeners::api`]).
 pub async fn run(
     listeners: Listeners,
     tls: Option<Arc<Tls>>,
@@ -94,109 +108,77 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .max_header_size(MAX_HEADER_BYTES);
-    let api_builder = Arc::new(api_builder);
     let listeners_max = listeners.max_connections;
     let webhook_slots = Arc::new(Semaphore::new(listeners.max_connections));
     let api_slots = Arc::new(Semaphore::new(listeners.max_connections));
-    let (mut webhook_refused, mut api_refused) = (0u64, 0u64);
+    let api_threads = spawn_api_threads(
+        listeners.api,
+        ApiServing {
+            state: state.clone(),
+            slots: api_slots.clone(),
+            max_connections: listeners_max,
+            builder: Arc::new(api_builder),
+            close_requested: close_requested.clone(),
+        },
+    );
+    let mut refused_in_a_row = 0u64;
 
     tokio::pin!(shutdown);
     loop {
-        let (side, accepted) = tokio::select! {
+        let accepted = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listeners.webhook.accept() => (Side::Webhook, accepted),
-            accepted = listeners.api.accept() => (Side::Api, accepted),
+            accepted = listeners.webhook.accept() => accepted,
         };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Typically out of file descriptors; back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (slots, refused_in_a_row) = match side {
-            Side::Webhook => (&webhook_slots, &mut webhook_refused),
-            Side::Api => (&api_slots, &mut api_refused),
-        };
-        // Over the limit the connection is closed at once, so the clients already connected
-        // keep their share of the machine. A flood is logged when it starts and when it ends,
-        // not once per connection.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            state.metrics.connection_refused(side.name());
-            if *refused_in_a_row == 0 {
-                tracing::warn!(
-                    listener = side.name(),
-                    %peer,
-                    "refusing connections: {} already open (--max-connections)",
-                    listeners.max_connections
-                );
-            }
-            *refused_in_a_row += 1;
-            drop(stream);
+        let Some((stream, peer, slot)) = admit(
+            accepted,
+            Side::Webhook,
+            &webhook_slots,
+            listeners_max,
+            &mut refused_in_a_row,
+            &state,
+        )
+        .await
+        else {
             continue;
         };
-        if *refused_in_a_row > 0 {
-            tracing::info!(
-                listener = side.name(),
-                "accepting connections again after refusing {refused_in_a_row}"
-            );
-            *refused_in_a_row = 0;
-        }
-        let _ = stream.set_nodelay(true);
-        let mut close_requested = close_requested.clone();
+        let close_requested = close_requested.clone();
         let state = state.clone();
-        match (side, &tls) {
-            (Side::Webhook, tls) => {
-                let (tls, builder) = (tls.as_ref().map(|tls| tls.acceptor()), builder.clone());
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    // HTTP/2 clients keep answering hyper's pings, so only the absence of
-                    // requests tells an idle connection from a live one.
-                    let activity = Arc::new(Activity::new());
-                    let service = service(side, state, peer.ip(), Some(activity.clone()));
-                    let idle = Some((activity, header_read_timeout));
-                    let Some(tls) = tls else {
-                        let connection = builder.serve_connection(TokioIo::new(stream), service);
-                        return drive(connection, close_requested, idle, |c| c.graceful_shutdown())
-                            .await;
-                    };
-                    let stream = match tokio::time::timeout(
-                        TLS_HANDSHAKE_TIMEOUT,
-                        answer_plain_http(stream),
-                    )
-                    .await
-                    {
-                        Ok(Some(stream)) => stream,
-                        _ => return,
-                    };
-                    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream));
-                    let stream = tokio::select! {
-                        accepted = handshake => match accepted {
-                            Ok(Ok(stream)) => stream,
-                            _ => return,
-                        },
-                        _ = close_requested.changed() => return,
-                    };
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    drive(connection, close_requested, idle, |c| c.graceful_shutdown()).await;
-                });
-            }
-            (Side::Api, _) => {
-                let builder = api_builder.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let service = service(side, state, peer.ip(), None);
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    // HTTP/1 only: hyper's header read timeout already ends idle keep-alive.
-                    drive(connection, close_requested, None, |c| c.graceful_shutdown()).await;
-                });
-            }
-        }
+        let (tls, builder) = (tls.as_ref().map(|tls| tls.acceptor()), builder.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            // HTTP/2 clients keep answering hyper's pings, so only the absence of requests
+            // tells an idle connection from a live one.
+            let activity = Arc::new(Activity::new());
+            let service = service(Side::Webhook, state, peer.ip(), Some(activity.clone()));
+            let idle = Some((activity, header_read_timeout));
+            let Some(tls) = tls else {
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                return drive(connection, close_requested, idle, |c| c.graceful_shutdown()).await;
+            };
+            let stream = match tokio::time::timeout(
+                TLS_HANDSHAKE_TIMEOUT,
+                answer_plain_http(stream),
+            )
+            .await
+            {
+                Ok(Some(stream)) => stream,
+                _ => return,
+            };
+            let mut close_requested = close_requested;
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream));
+            let stream = tokio::select! {
+                accepted = handshake => match accepted {
+                    Ok(Ok(stream)) => stream,
+                    _ => return,
+                },
+                _ = close_requested.changed() => return,
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            drive(connection, close_requested, idle, |c| c.graceful_shutdown()).await;
+        });
     }
 
-    drop(listeners);
+    drop(listeners.webhook);
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = closing.send(true);
     let every_slot = u32::try_from(listeners_max).unwrap_or(u32::MAX);
@@ -210,6 +192,133 @@ pub async fn run(
     {
         tracing::warn!("some connections were still busy after {SHUTDOWN_GRACE:?}; closing them");
     }
+    // Each API thread ends once its own connections have, or the grace is over.
+    let joined = tokio::task::spawn_blocking(move || {
+        for thread in api_threads {
+            let _ = thread.join();
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
+}
+
+/// Takes a connection slot for an accepted connection. Over the limit the connection is closed
+/// at once, so the clients already connected keep their share of the machine; a flood is logged
+/// when it starts and when it ends, not once per connection.
+async fn admit(
+    accepted: std::io::Result<(TcpStream, std::net::SocketAddr)>,
+    side: Side,
+    slots: &Arc<Semaphore>,
+    max_connections: usize,
+    refused_in_a_row: &mut u64,
+    state: &AppState,
+) -> Option<(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit)> {
+    let (stream, peer) = match accepted {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            // Typically out of file descriptors; back off instead of spinning.
+            tracing::warn!("accept failed: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return None;
+        }
+    };
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        state.metrics.connection_refused(side.name());
+        if *refused_in_a_row == 0 {
+            tracing::warn!(
+                listener = side.name(),
+                %peer,
+                "refusing connections: {max_connections} already open (--max-connections)"
+            );
+        }
+        *refused_in_a_row += 1;
+        return None;
+    };
+    if *refused_in_a_row > 0 {
+        tracing::info!(
+            listener = side.name(),
+            "accepting connections again after refusing {refused_in_a_row}"
+        );
+        *refused_in_a_row = 0;
+    }
+    let _ = stream.set_nodelay(true);
+    Some((stream, peer, slot))
+}
+
+/// Starts one thread per API listener, each with a single-threaded runtime. A thread that
+/// cannot start drops its listener, which takes it out of the kernel's SO_REUSEPORT group, so
+/// no connection waits on a socket nobody accepts from.
+fn spawn_api_threads(
+    listeners: Vec<std::net::TcpListener>,
+    serving: ApiServing,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let serving = serving.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("api-{i}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(serve_api(listener, serving)),
+                    Err(e) => tracing::error!("API thread {i} cannot start its runtime: {e}"),
+                }
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(e) => tracing::error!("cannot start API thread {i}: {e}"),
+        }
+    }
+    threads
+}
+
+/// One API thread: accepts on its listener until shutdown, then lets its connections finish.
+async fn serve_api(listener: std::net::TcpListener, serving: ApiServing) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!("an API listener cannot be served: {e}");
+            return;
+        }
+    };
+    let mut close_requested = serving.close_requested.clone();
+    let mut connections = tokio::task::JoinSet::new();
+    let mut refused_in_a_row = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = close_requested.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        let Some((stream, peer, slot)) = admit(
+            accepted,
+            Side::Api,
+            &serving.slots,
+            serving.max_connections,
+            &mut refused_in_a_row,
+            &serving.state,
+        )
+        .await
+        else {
+            continue;
+        };
+        let service = service(Side::Api, serving.state.clone(), peer.ip(), None);
+        let connection = serving
+            .builder
+            .serve_connection(TokioIo::new(stream), service);
+        let close_requested = serving.close_requested.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            // HTTP/1 only: hyper's header read timeout already ends idle keep-alive.
+            drive(connection, close_requested, None, |c| c.graceful_shutdown()).await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 /// A TLS connection opens with a handshake record (0x16); one that opens with a letter is a
@@ -365,7 +474,54 @@ impl Drop for InFlight {
 
 /// Binds a listener, turning "address in use" into an instruction.
 pub async fn bind(addr: std::net::SocketAddr, flag: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| match e.kind() {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| bind_error(e, addr, flag))
+}
+
+/// Binds `count` listening sockets to `addr` with SO_REUSEPORT, one per API thread (see
+/// [`Listeners::api`]).
+pub async fn bind_shared(
+    addr: std::net::SocketAddr,
+    count: usize,
+    flag: &str,
+) -> Result<Vec<std::net::TcpListener>, String> {
+    // SO_REUSEPORT would let a second suppressd of the same user bind a port that is in use and
+    // silently take part of its connections: a plain bind first refuses such a port, as it
+    // would be refused without the option.
+    if addr.port() != 0 {
+        drop(bind(addr, flag).await?);
+    }
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let listener = socket
+            .and_then(|socket| {
+                socket.set_reuseaddr(true)?;
+                socket.set_reuseport(true)?;
+                socket.bind(addr)?;
+                socket.listen(LISTEN_BACKLOG)
+            })
+            .map_err(|e| bind_error(e, addr, flag))?;
+        // With port 0 the first socket's port is where the others go.
+        addr = listener
+            .local_addr()
+            .map_err(|e| bind_error(e, addr, flag))?;
+        listeners.push(listener.into_std().map_err(|e| bind_error(e, addr, flag))?);
+    }
+    Ok(listeners)
+}
+
+/// Connections the kernel queues for a listener before it accepts them (tokio's default).
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn bind_error(e: std::io::Error, addr: std::net::SocketAddr, flag: &str) -> String {
+    match e.kind() {
         std::io::ErrorKind::AddrInUse => {
             format!("{flag} {addr} is already in use by another process; stop it or choose another address")
         }
@@ -373,7 +529,7 @@ pub async fn bind(addr: std::net::SocketAddr, flag: &str) -> Result<TcpListener,
             format!("{flag} {addr}: permission denied; ports below 1024 need CAP_NET_BIND_SERVICE")
         }
         _ => format!("cannot listen on {flag} {addr}: {e}"),
-    })
+    }
 }
 
 /// Resolves a listen address (`IP:PORT` or `NAME:PORT`).

@@ -306,3 +306,41 @@ async fn streamed_bulk_check_in_ndjson_takes_phones_and_accounts() {
     assert_eq!(results[4]["input"], "{oops");
     assert!(results[4]["error"].is_string());
 }
+
+/// A suppressed number looked up is kept in memory for the next lookup; a new event for it
+/// must show at once, so the write evicts it.
+#[tokio::test]
+async fn a_lookup_after_a_new_event_shows_it_though_the_record_was_cached() {
+    let server = Server::start(Options::default());
+    let reply = server
+        .api(
+            "PUT",
+            "/v1/phones/%2B4930555000111",
+            r#"{"reason": "legal hold"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    for _ in 0..3 {
+        let record = server.get("/v1/phones/%2B4930555000111").await.json();
+        assert_eq!(record["reasons"].as_array().unwrap().len(), 1, "{record}");
+    }
+    let reply = server
+        .lox24(lox24_event(
+            "8d7f0c4e-0000-4000-8000-00000000c0de",
+            "+4930555000111",
+            1_700_000_000,
+        ))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let record = server.get("/v1/phones/%2B4930555000111").await.json();
+    let sources: Vec<&str> = record["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source"].as_str().unwrap())
+        .collect();
+    assert!(
+        sources.contains(&"lox24") && sources.contains(&"manual"),
+        "{record}"
+    );
+}

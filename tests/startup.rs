@@ -100,6 +100,28 @@ fn reports_a_port_in_use_and_creates_nothing_in_the_data_dir() {
     );
 }
 
+/// The API listens on one socket per thread (SO_REUSEPORT), which would let a second copy of
+/// suppressd share a port silently: it is refused like any other port in use, and every thread
+/// of the first keeps answering.
+#[tokio::test]
+async fn a_second_service_on_the_api_port_is_refused_and_every_api_thread_answers() {
+    let server = Server::start(Options {
+        extra: vec!["--api-threads".into(), "3".into()],
+        ..Options::default()
+    });
+    assert!(server.logs().contains("api_threads=3"), "{}", server.logs());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let api = server.api.to_string();
+    assert_refused(&serve_args(data.to_str().unwrap(), &api), "already in use");
+    // The kernel spreads connections over the threads' sockets; 30 new connections reach all
+    // of them, and every one is answered.
+    for _ in 0..30 {
+        let reply = server.get("/v1/phones/%2B4930123456").await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+}
+
 /// The log says which providers are on and where; a plain-HTTP request on the TLS port is told
 /// to use HTTPS instead of seeing the connection reset.
 #[tokio::test]

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use super::history::{history_entries, KeyOfStoredEvent};
+use super::hot::HotRecords;
 use super::index::{since_if_suppressed, IndexBuilder, PhoneIndex};
 use super::keys::{
     entry_order, history_key, inline_entry, phone_of_record_key, record_key, seen_key, stamp_key,
@@ -103,18 +104,26 @@ impl View<'_> {
     }
 }
 
-/// The in-memory views kept beside the tree: the phone index and the suppressed-account count.
+/// The in-memory views kept beside the tree: the phone index, the suppressed-account count, and
+/// the phone records looked up lately.
 #[derive(Clone)]
 pub(super) struct Views {
     pub phones: Arc<PhoneIndex>,
     pub suppressed_accounts: Arc<AtomicI64>,
+    pub hot: Arc<HotRecords>,
 }
 
 impl Views {
+    /// Views that cache no records: for replays into trees nobody looks up.
     pub fn new() -> Views {
+        Views::with_lookup_cache(0)
+    }
+
+    pub fn with_lookup_cache(bytes: u64) -> Views {
         Views {
             phones: Arc::new(PhoneIndex::new()),
             suppressed_accounts: Arc::new(AtomicI64::new(0)),
+            hot: Arc::new(HotRecords::new(bytes)),
         }
     }
 }
@@ -378,6 +387,7 @@ fn write_plans(
     tree.apply_batch(batch)?;
     for (number, value) in phones {
         views.phones.update(number, value);
+        views.hot.evict(number);
     }
     views
         .suppressed_accounts

@@ -29,6 +29,7 @@ mod committer;
 mod database;
 mod files;
 mod history;
+mod hot;
 mod index;
 mod keys;
 mod legacy_wal;
@@ -220,6 +221,8 @@ pub struct StoreConfig {
     /// The size of one log segment file.
     pub segment_bytes: u64,
     pub snapshots: SnapshotPolicy,
+    /// Memory for the phone records looked up lately (see [`hot`]).
+    pub lookup_cache_bytes: u64,
 }
 
 impl StoreConfig {
@@ -240,6 +243,7 @@ impl StoreConfig {
         StoreConfig {
             dir,
             cache_bytes: 256 * 1024 * 1024,
+            lookup_cache_bytes: 16 * 1024 * 1024,
             rules: Rules::default(),
             segment_bytes: 64 * 1024 * 1024,
             snapshots: SnapshotPolicy {
@@ -272,7 +276,7 @@ impl Store {
         let planner = Planner {
             rules: config.rules,
         };
-        let views = Views::new();
+        let views = Views::with_lookup_cache(config.lookup_cache_bytes);
         let opened = recovery::open(config, &planner, &views, &metrics)?;
         let database = Arc::new(database::Slot::empty());
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
@@ -377,11 +381,30 @@ impl Store {
 
     /// A subject's stored record, `None` if never seen.
     pub fn record(&self, subject: &Subject) -> Result<Option<RecordRef>, StoreError> {
+        let number = match subject {
+            Subject::Phone { phone } => crate::phone::e164_digits(phone),
+            Subject::Account { .. } => None,
+        };
+        let Some(number) = number else {
+            let bytes = self
+                .database
+                .get()?
+                .tree
+                .get(record_key(&subject_key(subject)))?;
+            return Ok(bytes.map(|bytes| RecordRef { bytes }));
+        };
+        if let Some(bytes) = self.views.hot.get(number) {
+            return Ok(Some(RecordRef { bytes }));
+        }
+        let generation = self.views.hot.generation(number);
         let bytes = self
             .database
             .get()?
             .tree
             .get(record_key(&subject_key(subject)))?;
+        if let Some(bytes) = &bytes {
+            self.views.hot.insert(number, generation, bytes.clone());
+        }
         Ok(bytes.map(|bytes| RecordRef { bytes }))
     }
 

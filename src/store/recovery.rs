@@ -290,6 +290,7 @@ fn build_views(
         )));
     }
     views.phones.replace(phones.build());
+    views.hot.clear();
     views.suppressed_accounts.store(accounts, Ordering::Relaxed);
     tracing::debug!(
         records,
@@ -383,6 +384,7 @@ fn rebuild(
         .suppressed_accounts
         .store(tally.suppressed_accounts, Ordering::Relaxed);
     views.phones.replace(tally.phone_index());
+    views.hot.clear();
     Ok(stamp)
 }
 

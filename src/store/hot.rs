@@ -1,0 +1,169 @@
+//! The phone records that lookups asked for lately, kept in memory as sled handed them out, so
+//! that a number looked up again is answered without walking sled's tree (a third of a
+//! suppressed lookup's time in user space). Campaigns check the same numbers again and again.
+//!
+//! Bounded by bytes (`--lookup-cache-mb`): a shard that would outgrow its share is emptied and
+//! starts over, which keeps memory flat without bookkeeping per entry. Never stale: every write
+//! of a phone record evicts it ([`HotRecords::evict`], from the one function that writes plans
+//! to sled, after the write), and a reader caches what it read only if no eviction of that shard
+//! happened since before its read ([`HotRecords::generation`]), so a record read just before a
+//! write cannot be cached after the write's eviction.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Mutex, MutexGuard};
+
+const SHARDS: usize = 64;
+/// What an entry costs beside its value: the map's slot and sled's shared buffer header.
+const ENTRY_OVERHEAD: usize = 48;
+
+pub(super) struct HotRecords {
+    shards: Vec<Mutex<Shard>>,
+    bytes_per_shard: usize,
+}
+
+#[derive(Default)]
+struct Shard {
+    records: HashMap<u64, sled::IVec, BuildHasherDefault<NumberHasher>>,
+    bytes: usize,
+    /// Bumped by every eviction from this shard.
+    generation: u64,
+}
+
+impl HotRecords {
+    /// A cache of at most `bytes`; 0 keeps nothing.
+    pub fn new(bytes: u64) -> HotRecords {
+        HotRecords {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            bytes_per_shard: usize::try_from(bytes).unwrap_or(usize::MAX) / SHARDS,
+        }
+    }
+
+    pub fn get(&self, number: u64) -> Option<sled::IVec> {
+        if self.bytes_per_shard == 0 {
+            return None;
+        }
+        self.shard(number).records.get(&number).cloned()
+    }
+
+    /// Taken before reading sled; [`HotRecords::insert`] keeps the record only if it is still
+    /// the same.
+    pub fn generation(&self, number: u64) -> u64 {
+        if self.bytes_per_shard == 0 {
+            return 0;
+        }
+        self.shard(number).generation
+    }
+
+    pub fn insert(&self, number: u64, generation: u64, record: sled::IVec) {
+        let cost = record.len() + ENTRY_OVERHEAD;
+        if cost > self.bytes_per_shard {
+            return;
+        }
+        let mut shard = self.shard(number);
+        if shard.generation != generation {
+            return;
+        }
+        if shard.bytes + cost > self.bytes_per_shard {
+            shard.records.clear();
+            shard.records.shrink_to_fit();
+            shard.bytes = 0;
+        }
+        if let Some(old) = shard.records.insert(number, record) {
+            shard.bytes -= old.len() + ENTRY_OVERHEAD;
+        }
+        shard.bytes += cost;
+    }
+
+    /// Called after a phone's record was written.
+    pub fn evict(&self, number: u64) {
+        if self.bytes_per_shard == 0 {
+            return;
+        }
+        let mut shard = self.shard(number);
+        shard.generation += 1;
+        if let Some(old) = shard.records.remove(&number) {
+            shard.bytes -= old.len() + ENTRY_OVERHEAD;
+        }
+    }
+
+    /// Forgets everything: the database was reopened or rebuilt.
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            shard.generation += 1;
+            shard.records = HashMap::default();
+            shard.bytes = 0;
+        }
+    }
+
+    fn shard(&self, number: u64) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[shard_of(number)])
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn shard_of(number: u64) -> usize {
+    (number.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS
+}
+
+/// Phone numbers are their own good hash once mixed: SipHash would cost more than the lookup.
+#[derive(Default)]
+struct NumberHasher(u64);
+
+impl Hasher for NumberHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(26)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, number: u64) {
+        self.0 = number;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_from_before_an_eviction_is_not_kept() {
+        let hot = HotRecords::new(1 << 20);
+        let before = hot.generation(7);
+        hot.evict(7);
+        hot.insert(7, before, sled::IVec::from(&b"old record"[..]));
+        assert!(hot.get(7).is_none(), "a record read before the write");
+        let now = hot.generation(7);
+        hot.insert(7, now, sled::IVec::from(&b"new record"[..]));
+        assert_eq!(hot.get(7).as_deref(), Some(&b"new record"[..]));
+        hot.evict(7);
+        assert!(hot.get(7).is_none());
+    }
+
+    #[test]
+    fn a_full_shard_starts_over_and_memory_stays_bounded() {
+        let hot = HotRecords::new((SHARDS * 1000) as u64);
+        let value = sled::IVec::from(vec![0u8; 100]);
+        // Every number lands in some shard; far more than fit overall.
+        for number in 0..10_000u64 {
+            let generation = hot.generation(number);
+            hot.insert(number, generation, value.clone());
+        }
+        for shard in &hot.shards {
+            assert!(lock(shard).bytes <= 1000);
+        }
+        let kept = (0..10_000u64).filter(|&n| hot.get(n).is_some()).count();
+        assert!(kept > 0 && kept <= SHARDS * 1000 / (100 + ENTRY_OVERHEAD));
+        assert!(HotRecords::new(0).get(1).is_none());
+    }
+}
