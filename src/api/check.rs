@@ -294,7 +294,12 @@ fn check_line(state: &AppState, line: &[u8], format: LineFormat, output: &mut Ve
         return 0;
     }
     let result = match format {
-        LineFormat::Text | LineFormat::Csv => check_phone_value(state, json!(text), text),
+        LineFormat::Text | LineFormat::Csv => {
+            // The common case at campaign scale: written straight from the lookup, without
+            // building a JSON value first (which cost a third of a streamed check).
+            write_result(output, &check_phone_text(state, text));
+            return 1;
+        }
         LineFormat::Ndjson => match serde_json::from_str::<Value>(text) {
             Ok(Value::String(phone)) => check_phone_value(state, json!(phone), &phone),
             Ok(Value::Object(object)) => match (
@@ -332,6 +337,33 @@ fn check_line(state: &AppState, line: &[u8], format: LineFormat, output: &mut Ve
     };
     write_line(output, &result);
     1
+}
+
+/// The result for one phone number given as text, as a JSON list's entry would be.
+fn check_phone_text<'a>(state: &AppState, input: &'a str) -> CheckResult<'a> {
+    let status = state
+        .phones
+        .normalize_borrowed(input)
+        .map_err(|e| e.to_string())
+        .and_then(|phone| match state.store.phone_status(&phone) {
+            Ok(status) => Ok((phone, status)),
+            Err(e) => Err(e.to_string()),
+        });
+    match status {
+        Ok((phone, status)) => CheckResult::Found {
+            input,
+            phone,
+            suppressed: status.suppressed,
+            since: status.since_ms.map(ms_to_secs),
+        },
+        Err(error) => CheckResult::InvalidText { input, error },
+    }
+}
+
+fn write_result(output: &mut Vec<u8>, result: &CheckResult<'_>) {
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *output, result);
+    output.push(b'\n');
 }
 
 fn check_phone_value(state: &AppState, input: Value, phone: &str) -> Value {

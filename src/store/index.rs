@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn find_agrees_with_a_binary_search_on_dense_and_clustered_numbers() {
         let mut numbers: Vec<u64> = Vec::new();
-        numbers.extend((0..3_000u64).map(|i| 1_202_555_0000 + i * 3));
+        numbers.extend((0..3_000u64).map(|i| 12_025_550_000 + i * 3));
         numbers.extend((0..50u64).map(|i| 33_612_345_678 + i * 1_000_003));
         numbers.extend((0..9_000u64).map(|i| 4_915_112_345_678 + i * 7 + i % 5));
         numbers.push(999_999_999_999_999);
