@@ -9,9 +9,9 @@
 //! happened since before its read ([`HotRecords::generation`]), so a record read just before a
 //! write cannot be cached after the write's eviction.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard};
+
+use super::index::NumberMap;
 
 const SHARDS: usize = 64;
 /// What an entry costs beside its value: the map's slot and sled's shared buffer header.
@@ -24,7 +24,7 @@ pub(super) struct HotRecords {
 
 #[derive(Default)]
 struct Shard {
-    records: HashMap<u64, sled::IVec, BuildHasherDefault<NumberHasher>>,
+    records: NumberMap<sled::IVec>,
     bytes: usize,
     /// Bumped by every eviction from this shard.
     generation: u64,
@@ -92,7 +92,7 @@ impl HotRecords {
         for shard in &self.shards {
             let mut shard = lock(shard);
             shard.generation += 1;
-            shard.records = HashMap::default();
+            shard.records = NumberMap::default();
             shard.bytes = 0;
         }
     }
@@ -110,26 +110,6 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 
 fn shard_of(number: u64) -> usize {
     (number.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS
-}
-
-/// Phone numbers are their own good hash once mixed: SipHash would cost more than the lookup.
-#[derive(Default)]
-struct NumberHasher(u64);
-
-impl Hasher for NumberHasher {
-    fn finish(&self) -> u64 {
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(26)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u64(&mut self, number: u64) {
-        self.0 = number;
-    }
 }
 
 #[cfg(test)]
