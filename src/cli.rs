@@ -249,7 +249,7 @@ pub struct ServeArgs {
         long,
         env = "SUPPRESSD_LOOKUP_CACHE_MB",
         value_name = "MIB",
-        default_value_t = 16
+        default_value_t = 8
     )]
     pub lookup_cache_mb: u64,
 

@@ -243,7 +243,7 @@ impl StoreConfig {
         StoreConfig {
             dir,
             cache_bytes: 256 * 1024 * 1024,
-            lookup_cache_bytes: 16 * 1024 * 1024,
+            lookup_cache_bytes: 8 * 1024 * 1024,
             rules: Rules::default(),
             segment_bytes: 64 * 1024 * 1024,
             snapshots: SnapshotPolicy {
