@@ -6,11 +6,12 @@
 //! travels in the [`SNAPSHOT_HEADER`] header.
 //!
 //! Export writes one NDJSON line per subject: `{"subject": …, "record": {"suppressed": …,
-//! "since": …, "reasons": […]}, "events": [...]}` with every history event in arrival order (each
-//! with its idempotency key and whether it applied). A record is a deterministic function of its
-//! events replayed in arrival order, so the events are everything needed for an exact round
-//! trip, counters such as the Sendios lost streak included; `record` is there for a reader of the
-//! file, and import never trusts it over the events.
+//! "since": …, "reasons": […]}, "events": [...]}` with every history event in the order the
+//! rules take them (each with its idempotency key and whether it changed the record there). A
+//! record is a function of the set of its events (see `store::record`), so the events are
+//! everything needed for an exact round trip, counters such as the Sendios lost streak
+//! included; `record` is there for a reader of the file, and import never trusts it over the
+//! events.
 //! The export is a consistent snapshot (see `Store::snapshot`) and streams in constant memory.
 //!
 //! Import takes that format back — events go through the committer as if they had just arrived,

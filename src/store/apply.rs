@@ -11,16 +11,16 @@
 //! and batches still on their way to the log ([`View::in_flight`]), so a redelivery is recognised
 //! wherever its first delivery is.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use super::history::{history_entries, KeyOfStoredEvent};
+use super::history::{carried_entry, history_entries, parse_entry, KeyOfStoredEvent};
 use super::hot::HotRecords;
 use super::index::{since_if_suppressed, IndexBuilder, PhoneIndex};
 use super::keys::{
-    entry_order, history_key, inline_entry, phone_of_record_key, record_key, seen_key, stamp_key,
-    subject_key, Stamp,
+    entry_order, history_key, history_prefix, inline_entry, phone_of_record_key, record_key,
+    seen_key, stamp_key, subject_key, Stamp,
 };
 use super::record::{self, Record, Rules};
 use super::{Outcome, StoreError, StoredEvent};
@@ -214,7 +214,21 @@ impl Planner {
             return Err(refusal.into());
         }
         let was_suppressed = record.suppressed();
-        let applied = record.apply(event, &self.rules);
+        let (applied, rewrites_record) = if record.takes_next(event) {
+            let latest = record.latest_ms;
+            let applied = record.apply(event, &self.rules);
+            (applied, applied || record.latest_ms != latest)
+        } else {
+            // Earlier than an event the record already took: the rules take the subject's
+            // events in order, so they are replayed with this one in its place.
+            let earlier = subject_events(view, [mine, batch], &subject, stored_record.as_deref())?;
+            let mut events: Vec<&Event> = earlier.iter().collect();
+            events.push(event);
+            let (replayed, applied) = Record::replay(&events, &self.rules);
+            let rewrites_record = replayed != record;
+            record = replayed;
+            (applied.last().copied().unwrap_or(false), rewrites_record)
+        };
         let order = entry_order(event.event_time_ms, seq);
         let stored = StoredEvent {
             event: event.clone(),
@@ -224,14 +238,14 @@ impl Planner {
         // The event that creates a record travels in it: most subjects (every imported number)
         // never have another, and a key of their own would double the keys sled keeps pages and
         // memory for.
-        let creates_record = applied && stored_record.is_none();
+        let creates_record = rewrites_record && stored_record.is_none();
         let entry_key = if creates_record {
             record_key.clone()
         } else {
             history_key(&subject, &order)
         };
         remember(mine, event, subject, &entry_key);
-        if applied {
+        if rewrites_record {
             if matches!(event.subject, Subject::Account { .. }) {
                 mine.suppressed_accounts +=
                     i64::from(record.suppressed()) - i64::from(was_suppressed);
@@ -254,6 +268,42 @@ impl Planner {
             Outcome::Recorded
         })
     }
+}
+
+/// Every event of the subject so far: the one its record carries, and those under history keys
+/// of their own, in the tree or in plans not written yet.
+fn subject_events(
+    view: &View,
+    nearer: [&Plan; 2],
+    subject: &[u8],
+    record: Option<&[u8]>,
+) -> Result<Vec<Event>, StoreError> {
+    let prefix = history_prefix(subject);
+    let mut keyed: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    if let Some(tree) = view.tree {
+        for entry in tree.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            keyed.insert(key.to_vec(), value.to_vec());
+        }
+    }
+    let [mine, batch] = nearer;
+    for plan in view.in_flight.iter().map(|p| &**p).chain([batch, mine]) {
+        for (key, value) in &plan.writes {
+            if key.starts_with(&prefix) {
+                keyed.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let mut events = Vec::with_capacity(keyed.len() + 1);
+    if let Some(record) = record {
+        if let Some((_, stored)) = carried_entry::<StoredEvent>(record)? {
+            events.push(stored.event);
+        }
+    }
+    for value in keyed.values() {
+        events.push(parse_entry::<StoredEvent>(value)?.event);
+    }
+    Ok(events)
 }
 
 /// Whether `event`'s idempotency key was recorded before. A key suppressd minted is looked for

@@ -24,7 +24,7 @@ pub(super) struct KeyOfStoredEvent {
     pub idempotency_key: String,
 }
 
-fn parse_entry<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, StoreError> {
+pub(super) fn parse_entry<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(json).map_err(StoreError::CorruptHistory)
 }
 
@@ -45,7 +45,7 @@ pub(super) fn history_entries<T: serde::de::DeserializeOwned>(
 }
 
 /// The history entry a stored record carries, if any, read as `T` with its order.
-fn carried_entry<T: serde::de::DeserializeOwned>(
+pub(super) fn carried_entry<T: serde::de::DeserializeOwned>(
     record: &[u8],
 ) -> Result<Option<(EntryOrder, T)>, StoreError> {
     let Some(entry) = record::first_event(record)? else {

@@ -170,14 +170,25 @@ impl Iterator for Snapshot {
     fn next(&mut self) -> Option<Self::Item> {
         let next = self.histories.next()?;
         Some(next.map(|(subject, events)| {
-            let mut record = Record::default();
             let events: Vec<StoredEvent> = events.into_iter().map(|(_, event)| event).collect();
-            for stored in &events {
-                record.apply(&stored.event, &self.rules);
-            }
+            let (record, events) = in_rule_order(events, &self.rules);
             (subject, record, events)
         }))
     }
+}
+
+/// A subject's events in the order the rules take them (see [`record::rule_order`]), each
+/// marked with whether it changed the record at its place, and the record they make. This is
+/// what the API and an export show, the same on every node that has the same events, however
+/// they arrived.
+fn in_rule_order(mut events: Vec<StoredEvent>, rules: &Rules) -> (Record, Vec<StoredEvent>) {
+    events.sort_by(|a, b| record::rule_order(&a.event).cmp(&record::rule_order(&b.event)));
+    let ordered: Vec<&Event> = events.iter().map(|stored| &stored.event).collect();
+    let (record, applied) = Record::replay(&ordered, rules);
+    for (stored, applied) in events.iter_mut().zip(applied) {
+        stored.applied = applied;
+    }
+    (record, events)
 }
 
 /// Which kind of subject a listing covers.
@@ -437,11 +448,10 @@ impl Store {
         let tree = &self.database.get()?.tree;
         let subject = subject_key(subject);
         let record = tree.get(record_key(&subject))?;
-        let mut entries = history_entries(tree, &subject, record.as_deref())?
+        let entries = history_entries(tree, &subject, record.as_deref())?
             .collect::<Result<Vec<(EntryOrder, StoredEvent)>, _>>()?;
-        // Only the entry the record carries can be out of place.
-        entries.sort_by_key(|(order, _)| *order);
-        Ok(entries.into_iter().map(|(_, event)| event).collect())
+        let events = entries.into_iter().map(|(_, event)| event).collect();
+        Ok(in_rule_order(events, &self.rules).1)
     }
 
     /// Records in key order after `cursor` that pass `filter`, at most `limit`, and the cursor
@@ -696,8 +706,8 @@ mod tests {
             .collect();
         assert_eq!(
             exported,
-            [(new.clone(), vec![5_000, 1_000]), (old, vec![2_000, 3_000])],
-            "arrival order, from the record and from keys alike"
+            [(new.clone(), vec![1_000, 5_000]), (old, vec![2_000, 3_000])],
+            "the rules' order, from the record and from keys alike"
         );
         store.close(Duration::from_secs(10)).await;
     }

@@ -35,21 +35,53 @@ pub struct Reason {
 }
 
 /// Everything the list knows about one subject now (its past is in the history tree).
+///
+/// A record is a function of the *set* of its subject's events, whatever order they arrived in:
+/// the rules take events in [`rule_order`] (event time, then kind and idempotency key). An event later
+/// than every one before it is applied on top ([`Record::takes_next`]); one that is not is
+/// placed by replaying the subject's events in that order ([`Record::replay`]). Two nodes that
+/// received the same events in different orders so hold the same record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// Events in force, earliest first; the subject is suppressed while there is any.
     pub reasons: Vec<Reason>,
-    /// Receive time of the last event that changed the record.
+    /// Receive time of the last event (in rule order) that changed the record.
     pub changed_at_ms: i64,
-    /// Consecutive `sms_lost` events, in arrival order, since the last `sms_click`.
+    /// Consecutive `sms_lost` events, in event-time order, since the last `sms_click`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_streak: u32,
     /// Event time of the latest lift with a note (evidence of renewed consent): suppressing
     /// events older than this lose to it, as late retries of what the person took back. A lift
-    /// without a note only ends what is in force; an opt-out that arrives after it, however old
-    /// its event time, still counts, since no consent covers it.
+    /// without a note ends operators' suppressions and undeliverability older than it, never a
+    /// person's own unsubscribe, however its events are ordered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifted_at_ms: Option<i64>,
+    /// The latest event time among the events the rules take into account (all but
+    /// `sms_sent`): an event after it is applied on top, any other needs a replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_ms: Option<i64>,
+}
+
+/// The order the rules take a subject's events in: event time; at the same time, the order a
+/// message's own events happen in (sent, then lost or clicked; a click after a loss proves the
+/// number reachable) and operators' changes after providers'; then the idempotency key, so
+/// that every node orders the same set the same way.
+pub fn rule_order(event: &Event) -> (i64, u8, &str) {
+    let stage = match event.kind {
+        Kind::SmsSent => 0,
+        Kind::SmsLost => 1,
+        Kind::SmsClick => 2,
+        Kind::Unsubscribe | Kind::Undeliverable => 3,
+        Kind::Suppress => 4,
+        Kind::Lift => 5,
+    };
+    (event.event_time_ms, stage, &event.idempotency_key)
+}
+
+/// Whether an event's place among the others matters to the rules (`sms_sent` only goes into
+/// the history).
+fn orders_rules(kind: Kind) -> bool {
+    !matches!(kind, Kind::SmsSent | Kind::Undeliverable)
 }
 
 /// Whether an operator's event carries a note, the evidence of consent a lift over a person's
@@ -122,21 +154,61 @@ impl Record {
         self.reasons.iter().map(|r| r.event_time_ms).min()
     }
 
-    /// Applies `event`, returning whether the record changed.
+    /// Whether `event` comes after every event this record was made of, so that applying it
+    /// on top gives what a replay in rule order would. A record without `latest_ms` that is not
+    /// empty was written before records kept it: only a replay can tell.
+    pub fn takes_next(&self, event: &Event) -> bool {
+        if !orders_rules(event.kind) {
+            return true;
+        }
+        match self.latest_ms {
+            Some(latest) => event.event_time_ms > latest,
+            None => *self == Record::default(),
+        }
+    }
+
+    /// The record `events` make, taken in [`rule_order`], and for each event (in the order
+    /// given) whether it changed the record at its place.
+    pub fn replay(events: &[&Event], rules: &Rules) -> (Record, Vec<bool>) {
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (events[a], events[b]);
+            rule_order(a).cmp(&rule_order(b))
+        });
+        let mut record = Record::default();
+        let mut applied = vec![false; events.len()];
+        for i in order {
+            applied[i] = record.apply(events[i], rules);
+        }
+        (record, applied)
+    }
+
+    /// Applies `event` as the latest so far (see [`Record::takes_next`]), returning whether the
+    /// record changed.
     ///
     /// Order is by event time, not arrival: a suppressing event older than the latest lift
     /// loses to it (a late retry of an unsubscribe that the person has since revoked must not
     /// re-suppress), and at equal times suppression wins.
     pub fn apply(&mut self, event: &Event, rules: &Rules) -> bool {
+        if orders_rules(event.kind) {
+            self.latest_ms = Some(self.latest_ms.map_or(event.event_time_ms, |latest| {
+                latest.max(event.event_time_ms)
+            }));
+        }
         match event.kind {
             Kind::Unsubscribe | Kind::Suppress if self.lifted_after(event.event_time_ms) => false,
             Kind::Unsubscribe | Kind::Suppress => self.add_reason(event, event.kind),
             Kind::SmsSent | Kind::Undeliverable => false,
             Kind::Lift => {
                 let before = self.reasons.len();
-                self.reasons
-                    .retain(|r| r.event_time_ms >= event.event_time_ms);
-                let lifted_at = match (self.lifted_at_ms, carries_note(event)) {
+                let consented = carries_note(event);
+                // Only evidence of renewed consent ends a person's own opt-out: without it, an
+                // unsubscribe stays whether it arrived before the lift or after.
+                self.reasons.retain(|r| {
+                    r.event_time_ms >= event.event_time_ms
+                        || (!consented && r.kind == Kind::Unsubscribe)
+                });
+                let lifted_at = match (self.lifted_at_ms, consented) {
                     (Some(t), true) => Some(t.max(event.event_time_ms)),
                     (None, true) => Some(event.event_time_ms),
                     (lifted_at, false) => lifted_at,
@@ -340,6 +412,91 @@ mod tests {
             receive_time_ms: at_ms + 5,
             details: Map::new(),
         }
+    }
+
+    fn event_of(kind: Kind, key: &str, at_ms: i64) -> Event {
+        let mut event = unsubscribe(key, at_ms);
+        event.kind = kind;
+        event.source = match kind {
+            Kind::SmsLost | Kind::SmsClick | Kind::SmsSent => Source::Sendios,
+            Kind::Unsubscribe => Source::Lox24,
+            _ => Source::Manual,
+        };
+        event
+    }
+
+    /// The heart of a cluster's convergence: whatever order the same events arrive in, a node
+    /// that applies the latest on top and replays for any other ends with the same record.
+    #[test]
+    fn every_arrival_order_of_the_same_events_makes_the_same_record() {
+        let rules = Rules { lost_threshold: 2 };
+        let mut noted = event_of(Kind::Lift, "lift-noted", 5_000);
+        noted.details.insert("note".into(), "consent form".into());
+        let events = [
+            event_of(Kind::Unsubscribe, "u1", 1_000),
+            event_of(Kind::SmsLost, "l1", 2_000),
+            event_of(Kind::SmsLost, "l2", 3_000),
+            event_of(Kind::Lift, "lift-bare", 4_000),
+            noted,
+            event_of(Kind::SmsClick, "click", 6_000),
+            event_of(Kind::Suppress, "manual", 4_000),
+            event_of(Kind::SmsSent, "sent", 7_000),
+        ];
+        let all: Vec<&Event> = events.iter().collect();
+        let (expected, _) = Record::replay(&all, &rules);
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        let mut orders = 0;
+        // Every permutation (Heap's algorithm), each applied as a node would.
+        let mut counters = vec![0usize; order.len()];
+        let mut check = |order: &[usize]| {
+            let mut record = Record::default();
+            let mut seen: Vec<&Event> = Vec::new();
+            for &i in order {
+                seen.push(&events[i]);
+                if record.takes_next(&events[i]) {
+                    record.apply(&events[i], &rules);
+                } else {
+                    record = Record::replay(&seen, &rules).0;
+                }
+            }
+            assert_eq!(record, expected, "arrival order {order:?}");
+            orders += 1;
+        };
+        check(&order);
+        let mut i = 0;
+        while i < order.len() {
+            if counters[i] < i {
+                let j = if i % 2 == 0 { 0 } else { counters[i] };
+                order.swap(j, i);
+                check(&order);
+                counters[i] += 1;
+                i = 0;
+            } else {
+                counters[i] = 0;
+                i += 1;
+            }
+        }
+        assert_eq!(orders, 40_320);
+        assert!(
+            !expected.suppressed(),
+            "the noted lift ends everything before it"
+        );
+    }
+
+    #[test]
+    fn a_lift_without_a_note_never_ends_an_unsubscribe_in_any_order() {
+        let rules = Rules::default();
+        let unsubscribe_first = [unsubscribe("u", 1_000), event_of(Kind::Lift, "bare", 2_000)];
+        let refs: Vec<&Event> = unsubscribe_first.iter().collect();
+        assert!(Record::replay(&refs, &rules).0.suppressed());
+        let refs: Vec<&Event> = unsubscribe_first.iter().rev().collect();
+        assert!(Record::replay(&refs, &rules).0.suppressed());
+        let manual_first = [
+            event_of(Kind::Suppress, "m", 1_000),
+            event_of(Kind::Lift, "bare", 2_000),
+        ];
+        let refs: Vec<&Event> = manual_first.iter().collect();
+        assert!(!Record::replay(&refs, &rules).0.suppressed());
     }
 
     #[test]

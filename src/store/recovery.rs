@@ -407,7 +407,10 @@ fn replay_snapshot(
             let mut plan = Plan::default();
             let mut subjects = 0u64;
             for subject in snapshot::Reader::open(path)? {
-                let (_, events) = subject?;
+                let (_, mut events) = subject?;
+                // In the order the rules take them, each is planned on top of the ones before
+                // instead of by a replay of all.
+                events.sort_by(|a, b| record::rule_order(&a.1).cmp(&record::rule_order(&b.1)));
                 for (seq, event) in &events {
                     planner.replay(&view, &mut plan, *seq, event)?;
                 }
