@@ -295,6 +295,48 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "SUPPRESSD_LOG_FORMAT", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// NATS servers of a JetStream cluster (URL[,URL…]) to share the list with other nodes:
+    /// every event this node accepts is also published to the stream, and every node applies
+    /// the stream's events. Without it the node stands alone.
+    #[arg(
+        long,
+        env = "SUPPRESSD_CLUSTER_NATS",
+        value_name = "URL[,URL…]",
+        value_delimiter = ','
+    )]
+    pub cluster_nats: Vec<String>,
+
+    /// This node's name in the cluster; its durable consumer of the stream is named after it,
+    /// so it must stay the same across restarts and differ between nodes. Letters, digits, `-`
+    /// and `_`. Defaults to the host name.
+    #[arg(long, env = "SUPPRESSD_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// The JetStream stream the nodes share (created if it does not exist).
+    #[arg(
+        long,
+        env = "SUPPRESSD_CLUSTER_STREAM",
+        value_name = "NAME",
+        default_value = "SUPPRESSD"
+    )]
+    pub cluster_stream: String,
+
+    /// Replicas of the stream when it is created (the NATS servers that must hold each event
+    /// before it is acknowledged, a quorum of them).
+    #[arg(
+        long,
+        env = "SUPPRESSD_CLUSTER_REPLICAS",
+        value_name = "N",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(u8).range(1..=5)
+    )]
+    pub cluster_replicas: u8,
+
+    /// File holding the NATS credentials (a `.creds` file) or a token, read like the other
+    /// secrets. Defaults to the systemd credential `cluster-creds`.
+    #[arg(long, env = "SUPPRESSD_CLUSTER_CREDS_FILE", value_name = "PATH")]
+    pub cluster_creds_file: Option<PathBuf>,
 }
 
 /// Man pages (one per subcommand) and bash, zsh and fish completions, generated from the same

@@ -19,6 +19,8 @@ pub mod cli;
 #[cfg(feature = "service")]
 pub mod client;
 #[cfg(feature = "service")]
+pub mod cluster;
+#[cfg(feature = "service")]
 pub mod error;
 #[cfg(feature = "service")]
 pub mod metrics;

@@ -80,6 +80,18 @@ pub struct Metrics {
     log_bytes: AtomicU64,
     snapshot_bytes: AtomicU64,
     snapshots_written: AtomicU64,
+    cluster: ClusterMetrics,
+}
+
+/// What a cluster node reports; all zero on a node that stands alone.
+#[derive(Default)]
+struct ClusterMetrics {
+    enabled: std::sync::atomic::AtomicBool,
+    connected: AtomicU64,
+    pending: AtomicU64,
+    lag: AtomicU64,
+    published: AtomicU64,
+    replicated: AtomicU64,
 }
 
 fn bump(map: &Mutex<BTreeMap<String, u64>>, key: String) {
@@ -163,6 +175,35 @@ impl Metrics {
     /// The database was rebuilt from the snapshot and the log.
     pub fn store_rebuilt(&self) {
         self.rebuilds.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The node is part of a cluster: its metrics are rendered.
+    pub fn cluster_enabled(&self) {
+        self.cluster.enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the node is connected to the stream's servers, and how many events it accepted
+    /// are waiting to be published to the stream.
+    pub fn cluster_state(&self, connected: bool, pending: u64) {
+        self.cluster
+            .connected
+            .store(u64::from(connected), Ordering::Relaxed);
+        self.cluster.pending.store(pending, Ordering::Relaxed);
+    }
+
+    /// Messages of the stream this node's consumer has not been delivered yet.
+    pub fn cluster_lag(&self, lag: u64) {
+        self.cluster.lag.store(lag, Ordering::Relaxed);
+    }
+
+    /// Events published to the stream and acknowledged by it.
+    pub fn cluster_published(&self, events: u64) {
+        self.cluster.published.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// Events from the stream that were new to this node.
+    pub fn cluster_replicated(&self, events: u64) {
+        self.cluster.replicated.fetch_add(events, Ordering::Relaxed);
     }
 
     /// A snapshot was written and read back.
@@ -290,6 +331,43 @@ impl Metrics {
             "Requests made durable by group commits.",
             self.flushed_requests.load(Ordering::Relaxed),
         );
+        if self.cluster.enabled.load(Ordering::Relaxed) {
+            let cluster = &self.cluster;
+            for (name, kind, help, value) in [
+                (
+                    "suppressd_cluster_connected",
+                    "gauge",
+                    "1 while the node is connected to the stream's NATS servers.",
+                    &cluster.connected,
+                ),
+                (
+                    "suppressd_cluster_pending_events",
+                    "gauge",
+                    "Events this node accepted that wait to be published to the stream.",
+                    &cluster.pending,
+                ),
+                (
+                    "suppressd_cluster_consumer_lag",
+                    "gauge",
+                    "Messages of the stream this node's consumer has not been delivered yet.",
+                    &cluster.lag,
+                ),
+                (
+                    "suppressd_cluster_published_events_total",
+                    "counter",
+                    "Events published to the stream and acknowledged by it.",
+                    &cluster.published,
+                ),
+                (
+                    "suppressd_cluster_replicated_events_total",
+                    "counter",
+                    "Events from the stream that were new to this node.",
+                    &cluster.replicated,
+                ),
+            ] {
+                render_value(&mut out, name, kind, help, value.load(Ordering::Relaxed));
+            }
+        }
         if let Some(bytes) = size_on_disk {
             render_value(
                 &mut out,

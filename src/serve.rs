@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::auth::{self, ApiTokens, FailureLimiter};
 use crate::cli::ServeArgs;
+use crate::cluster::{self, Auth, Cluster, ClusterConfig};
 use crate::metrics::Metrics;
 use crate::phone::Normalizer;
 use crate::providers::tencent::TencentConfig;
@@ -116,6 +117,8 @@ pub async fn serve(
         tracing::warn!("Tencent webhooks are enabled without --tencent-token-file: requests are checked by SdkAppid only");
     }
 
+    let cluster = cluster_config(&args)?;
+
     // Bound before anything is written to the data directory: a start that cannot listen
     // leaves no trace there.
     let api_threads = match args.api_threads {
@@ -166,6 +169,18 @@ pub async fn serve(
 
     phones.warm();
     let store = Arc::new(store);
+    let cluster = match cluster {
+        Some(config) => {
+            tracing::info!(
+                node = %config.node,
+                stream = %config.stream,
+                servers = %config.servers.join(","),
+                "cluster mode: events are shared through the NATS JetStream stream"
+            );
+            Some(Cluster::start(config, store.clone(), metrics.clone()).await?)
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         store: store.clone(),
         phones,
@@ -173,6 +188,7 @@ pub async fn serve(
         webhooks,
         api_tokens,
         auth_failures: FailureLimiter::new(AUTH_FAILURES_PER_WINDOW, AUTH_FAILURE_WINDOW),
+        cluster,
     });
     tracing::info!(
         webhook = %local_addr(&listeners.webhook),
@@ -199,6 +215,59 @@ pub async fn serve(
     store.close(server::SHUTDOWN_GRACE).await;
     tracing::info!("store flushed and closed");
     Ok(())
+}
+
+/// The cluster's configuration from the `--cluster-*` flags; `None` without `--cluster-nats`.
+fn cluster_config(args: &ServeArgs) -> Result<Option<ClusterConfig>, String> {
+    let servers: Vec<String> = args
+        .cluster_nats
+        .iter()
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if servers.is_empty() {
+        return Ok(None);
+    }
+    for url in &servers {
+        url.parse::<async_nats::ServerAddr>()
+            .map_err(|e| format!("--cluster-nats {url:?} is not a NATS server address: {e}"))?;
+    }
+    let node = match &args.node_name {
+        Some(node) => node.trim().to_owned(),
+        None => host_name()
+            .ok_or("--node-name is not given and the host name cannot be read; give --node-name")?,
+    };
+    if !cluster::valid_node_name(&node) {
+        return Err(format!(
+            "--node-name {node:?} must be 1 to 64 letters, digits, '-' or '_' (it names the node's consumer of the stream)"
+        ));
+    }
+    if !cluster::valid_node_name(&args.cluster_stream) {
+        return Err(format!(
+            "--cluster-stream {:?} must be 1 to 64 letters, digits, '-' or '_'",
+            args.cluster_stream
+        ));
+    }
+    let auth = or_credential(args.cluster_creds_file.clone(), "cluster-creds")
+        .as_deref()
+        .map(Auth::read)
+        .transpose()?;
+    Ok(Some(ClusterConfig {
+        servers,
+        node,
+        stream: args.cluster_stream.clone(),
+        replicas: usize::from(args.cluster_replicas),
+        auth,
+        dir: args.data_dir.join("cluster"),
+    }))
+}
+
+/// The machine's host name, as the kernel knows it.
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
 }
 
 fn read_secret(path: Option<PathBuf>, flag: &str) -> Result<Option<Secret>, String> {

@@ -191,7 +191,7 @@ impl ImportBatch {
         if self.events.is_empty() {
             return Ok(());
         }
-        let outcomes = state.store.commit(std::mem::take(&mut self.events)).await?;
+        let outcomes = state.commit(std::mem::take(&mut self.events)).await?;
         let mut outcomes = outcomes.as_slice();
         for count in std::mem::take(&mut self.events_per_subject) {
             let (mine, rest) = outcomes.split_at(count.min(outcomes.len()));

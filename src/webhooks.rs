@@ -182,7 +182,7 @@ async fn lox24_delivery(
         }
         lox24::Delivery::Unsubscribe { event, warnings } => {
             let event_id = event.event_id.clone();
-            let outcome = outcome_of(&state.store.commit(vec![event]).await?);
+            let outcome = outcome_of(&state.commit(vec![event]).await?);
             log_absent_fields("lox24", outcome, &warnings);
             tracing::info!(source = "lox24", event_id, outcome, "webhook processed");
             Ok(Handled {
@@ -268,7 +268,7 @@ async fn tencent_delivery(
                 tracing::warn!(source = "tencent", "entries skipped: {skipped_info}");
             }
             let count = events.len();
-            let outcome = outcome_of(&state.store.commit(events).await?);
+            let outcome = outcome_of(&state.commit(events).await?);
             log_absent_fields("tencent", outcome, &warnings);
             tracing::info!(
                 source = "tencent",
@@ -316,7 +316,7 @@ async fn sendios_delivery(
     let outcomes = if batch.events.is_empty() {
         Vec::new()
     } else {
-        state.store.commit(batch.events).await?
+        state.commit(batch.events).await?
     };
     let duplicates = outcomes
         .iter()

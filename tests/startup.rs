@@ -109,7 +109,7 @@ async fn a_second_service_on_the_api_port_is_refused_and_every_api_thread_answer
         extra: vec!["--api-threads".into(), "3".into()],
         ..Options::default()
     });
-    assert!(server.logs().contains("api_threads=3"), "{}", server.logs());
+    server.wait_for_log("api_threads=3").await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let api = server.api.to_string();

@@ -137,13 +137,7 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
     }
     match endpoint {
         None => Err(HttpError::NotFound),
-        Some(Endpoint::Health) if state.store.is_open() => {
-            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
-        }
-        Some(Endpoint::Health) => Ok(json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"status": "unavailable", "error": "the database is closed after a storage failure; it is reopened once the data directory takes writes again"}),
-        )),
+        Some(Endpoint::Health) => Ok(health(state)),
         Some(Endpoint::Metrics) => {
             let text = state.metrics.render(
                 state.store.size_on_disk().ok(),
@@ -180,6 +174,32 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         Some(Endpoint::Backup) => crate::transfer::backup(state).await,
         Some(Endpoint::Import) => crate::transfer::import(state, request).await,
     }
+}
+
+/// `GET /healthz`: 200 while the store takes writes. A cluster node adds whether it reaches the
+/// stream and how many accepted events wait for it; it stays 200 without the stream, since it
+/// keeps answering lookups and taking deliveries.
+fn health(state: &AppState) -> Response {
+    let mut body = if state.store.is_open() {
+        json!({"status": "ok"})
+    } else {
+        json!({"status": "unavailable", "error": "the database is closed after a storage failure; it is reopened once the data directory takes writes again"})
+    };
+    if let Some(cluster) = &state.cluster {
+        let status = cluster.status();
+        body["cluster"] = json!(if status.connected {
+            "connected"
+        } else {
+            "disconnected"
+        });
+        body["pending_events"] = json!(status.pending);
+    }
+    let code = if state.store.is_open() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(code, &body)
 }
 
 /// The optional body of PUT and DELETE.
@@ -253,7 +273,7 @@ async fn manual_change(
         receive_time_ms: now,
         details,
     };
-    state.store.commit(vec![event]).await?;
+    state.commit(vec![event]).await?;
     Ok(())
 }
 

@@ -159,6 +159,25 @@ impl Planner {
         Ok(outcomes)
     }
 
+    /// Plans events another node accepted (they came through the cluster's stream): new ones
+    /// are numbered like any, but the intake rules that refuse a request were that node's to
+    /// apply, and an event it accepted is not refused here.
+    pub fn plan_replicated(
+        &self,
+        view: &View,
+        batch: &mut Plan,
+        events: &[Event],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let mut mine = Plan::starting_at(batch.next_seq());
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            let seq = mine.next_seq();
+            outcomes.push(self.plan_event(view, batch, &mut mine, event, seq, Check::Logged)?);
+        }
+        batch.absorb(mine);
+        Ok(outcomes)
+    }
+
     /// Plans an event the log already numbered, as a catch-up or a rebuild replays it.
     pub fn replay(
         &self,

@@ -52,17 +52,31 @@ const READERS_PATIENCE: Duration = Duration::from_secs(10);
 /// How long the committer holds requests while the store is being reopened.
 const REOPEN_PATIENCE: Duration = Duration::from_secs(30);
 
-pub(super) type Reply = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
+/// A request's outcomes, and the sequence number its first new event got (the others follow
+/// in order).
+pub(super) type Committed = (Vec<Outcome>, u64);
+pub(super) type Reply = oneshot::Sender<Result<Committed, StoreError>>;
 
 pub(super) enum Job {
     Commit {
         events: Vec<Event>,
+        /// Events another node accepted (through the cluster's stream): they are not refused by
+        /// the intake rules again.
+        replicated: bool,
         reply: Reply,
     },
     /// Answered with a sequence number once every event numbered below it is in sled, or with
     /// `None` when the store is down.
     Barrier(oneshot::Sender<Option<u64>>),
     Stop,
+}
+
+/// How far the store is, for readers outside it (the cluster's publisher).
+pub(super) struct Watermarks {
+    /// The last sequence written to sled.
+    pub applied: AtomicU64,
+    /// The first sequence the log keeps whatever a snapshot covers; `u64::MAX` holds nothing.
+    pub keep_log_from: AtomicU64,
 }
 
 /// What the two threads share.
@@ -83,7 +97,7 @@ struct Batch {
     plan: Arc<Plan>,
     /// `false` when there was no database to plan against: every reply is an error already.
     planned: bool,
-    replies: Vec<(Reply, Result<Vec<Outcome>, StoreError>)>,
+    replies: Vec<(Reply, Result<Committed, StoreError>)>,
     barriers: Vec<oneshot::Sender<Option<u64>>>,
 }
 
@@ -95,7 +109,11 @@ pub(super) fn spawn(
     config: StoreConfig,
     jobs: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> std::io::Result<(std::thread::JoinHandle<()>, Arc<Watermarks>)> {
+    let marks = Arc::new(Watermarks {
+        applied: AtomicU64::new(0),
+        keep_log_from: AtomicU64::new(u64::MAX),
+    });
     let (to_syncer, batches) = std::sync::mpsc::sync_channel::<Batch>(SYNC_QUEUE);
     let shared = Arc::new(Shared {
         epoch: AtomicU64::new(0),
@@ -109,7 +127,9 @@ pub(super) fn spawn(
         snapshot_seq,
     } = opened;
     slot.install(database);
+    marks.applied.store(stamp.applied, Ordering::Release);
     let syncer = Syncer {
+        marks: marks.clone(),
         snapshots: Snapshotter::new(&config, snapshot_seq, &log),
         planner: Planner {
             rules: planner.rules,
@@ -129,7 +149,7 @@ pub(super) fn spawn(
     let syncer = std::thread::Builder::new()
         .name("store-syncer".into())
         .spawn(move || syncer.run(batches))?;
-    std::thread::Builder::new()
+    let committer = std::thread::Builder::new()
         .name("store-committer".into())
         .spawn(move || {
             run_committer(&planner, &slot, &shared, jobs, to_syncer);
@@ -137,7 +157,8 @@ pub(super) fn spawn(
             if syncer.join().is_err() {
                 tracing::error!("store syncer panicked");
             }
-        })
+        })?;
+    Ok((committer, marks))
 }
 
 fn run_committer(
@@ -158,11 +179,15 @@ fn run_committer(
         let Some(mut job) = jobs.blocking_recv() else {
             break;
         };
-        let mut requests: Vec<(Vec<Event>, Reply)> = Vec::new();
+        let mut requests: Vec<(Vec<Event>, bool, Reply)> = Vec::new();
         let mut barriers = Vec::new();
         loop {
             match job {
-                Job::Commit { events, reply } => requests.push((events, reply)),
+                Job::Commit {
+                    events,
+                    replicated,
+                    reply,
+                } => requests.push((events, replicated, reply)),
                 Job::Barrier(reply) => barriers.push(reply),
                 Job::Stop => stopping = true,
             }
@@ -199,7 +224,15 @@ fn run_committer(
                 let mut plan = Plan::starting_at(next_seq);
                 let replies = requests
                     .into_iter()
-                    .map(|(events, reply)| (reply, planner.plan(&view, &mut plan, &events)))
+                    .map(|(events, replicated, reply)| {
+                        let first_seq = plan.next_seq();
+                        let planned = if replicated {
+                            planner.plan_replicated(&view, &mut plan, &events)
+                        } else {
+                            planner.plan(&view, &mut plan, &events)
+                        };
+                        (reply, planned.map(|outcomes| (outcomes, first_seq)))
+                    })
                     .collect();
                 next_seq = plan.next_seq();
                 let plan = Arc::new(plan);
@@ -223,7 +256,7 @@ fn run_committer(
                 planned: false,
                 replies: requests
                     .into_iter()
-                    .map(|(_, reply)| (reply, Err(StoreError::Unavailable(e.to_string()))))
+                    .map(|(_, _, reply)| (reply, Err(StoreError::Unavailable(e.to_string()))))
                     .collect(),
                 barriers,
             },
@@ -236,6 +269,7 @@ fn run_committer(
 }
 
 struct Syncer {
+    marks: Arc<Watermarks>,
     planner: Planner,
     views: Views,
     slot: Arc<Slot>,
@@ -347,6 +381,9 @@ impl Syncer {
             }
             return;
         }
+        self.marks
+            .applied
+            .store(self.stamp.applied, Ordering::Release);
         self.failures.ended("store writes");
         self.metrics
             .store_flushed(started.elapsed(), requests, true);
@@ -378,8 +415,14 @@ impl Syncer {
         let (Some(log), Ok(database)) = (self.log.as_mut(), self.slot.get()) else {
             return;
         };
-        self.snapshots
-            .tend(&database, log, self.stamp.applied + 1, &self.metrics);
+        let keep_from = self.marks.keep_log_from.load(Ordering::Acquire);
+        self.snapshots.tend(
+            &database,
+            log,
+            self.stamp.applied + 1,
+            keep_from,
+            &self.metrics,
+        );
     }
 
     /// Closes the store and opens it again as a start would, once the data directory takes
@@ -419,6 +462,9 @@ impl Syncer {
                 self.snapshots = Snapshotter::new(&self.config, opened.snapshot_seq, &opened.log);
                 self.log = Some(opened.log);
                 self.stamp = opened.stamp;
+                self.marks
+                    .applied
+                    .store(self.stamp.applied, Ordering::Release);
                 // Published before the database is back, so that the committer, which waits
                 // for the database, plans from the log's real end.
                 self.shared.durable_next.store(next_seq, Ordering::Release);

@@ -317,39 +317,64 @@ impl Log {
     pub fn replay_from<E: From<FileError>>(
         &self,
         from: u64,
-        mut apply: impl FnMut(Vec<(u64, Event)>) -> Result<(), E>,
+        apply: impl FnMut(Vec<(u64, Event)>) -> Result<(), E>,
     ) -> Result<(), E> {
-        for (i, segment) in self.segments.iter().enumerate() {
-            let next_first = self.segments.get(i + 1).map(|s| s.first_seq);
-            if next_first.is_some_and(|next| next <= from) {
+        replay_segments(&self.segments, from, apply)
+    }
+}
+
+/// Every event from sequence `from` on in the log in `dir`, each with its sequence number, read
+/// without opening the log for writing: for a reader beside the writer, such as the cluster's
+/// publisher catching up at start. A record being appended while it reads is either whole or
+/// not seen.
+pub fn read_from(dir: &Path, from: u64) -> Result<Vec<(u64, Event)>, FileError> {
+    let mut read = Vec::new();
+    replay_segments(
+        &list_segments(dir)?,
+        from,
+        |events| -> Result<(), FileError> {
+            read.extend(events);
+            Ok(())
+        },
+    )?;
+    Ok(read)
+}
+
+fn replay_segments<E: From<FileError>>(
+    segments: &[Segment],
+    from: u64,
+    mut apply: impl FnMut(Vec<(u64, Event)>) -> Result<(), E>,
+) -> Result<(), E> {
+    for (i, segment) in segments.iter().enumerate() {
+        let next_first = segments.get(i + 1).map(|s| s.first_seq);
+        if next_first.is_some_and(|next| next <= from) {
+            continue;
+        }
+        let bytes = read_file(&segment.path)?;
+        let (found, _) = scan(&bytes, segment.first_seq);
+        for record in found {
+            if record.first_seq + record.count <= from {
                 continue;
             }
-            let bytes = read_file(&segment.path)?;
-            let (found, _) = scan(&bytes, segment.first_seq);
-            for record in found {
-                if record.first_seq + record.count <= from {
-                    continue;
+            let payload = &bytes[record.payload.clone()];
+            let mut cursor = codec::Cursor::new(payload);
+            let mut events = Vec::new();
+            for seq in record.first_seq..record.first_seq + record.count {
+                let event = cursor.event().map_err(|e| {
+                    corrupt(
+                        &segment.path,
+                        record.payload.start + e.at,
+                        format!("an event of the record at byte {}: {e}", record.offset),
+                    )
+                })?;
+                if seq >= from {
+                    events.push((seq, event));
                 }
-                let payload = &bytes[record.payload.clone()];
-                let mut cursor = codec::Cursor::new(payload);
-                let mut events = Vec::new();
-                for seq in record.first_seq..record.first_seq + record.count {
-                    let event = cursor.event().map_err(|e| {
-                        corrupt(
-                            &segment.path,
-                            record.payload.start + e.at,
-                            format!("an event of the record at byte {}: {e}", record.offset),
-                        )
-                    })?;
-                    if seq >= from {
-                        events.push((seq, event));
-                    }
-                }
-                apply(events)?;
             }
+            apply(events)?;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {

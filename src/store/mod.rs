@@ -275,6 +275,7 @@ pub struct Store {
     rules: Rules,
     committer: mpsc::Sender<committer::Job>,
     committer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    marks: Arc<committer::Watermarks>,
 }
 
 /// How many requests may wait for the committer before senders are slowed down.
@@ -291,7 +292,7 @@ impl Store {
         let opened = recovery::open(config, &planner, &views, &metrics)?;
         let database = Arc::new(database::Slot::empty());
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE);
-        let thread = committer::spawn(
+        let (thread, marks) = committer::spawn(
             opened,
             planner,
             views.clone(),
@@ -311,17 +312,78 @@ impl Store {
             rules: config.rules,
             committer: sender,
             committer_thread: std::sync::Mutex::new(Some(thread)),
+            marks,
         })
     }
 
     /// Applies `events` as one atomic unit and returns once they are durable.
     pub async fn commit(&self, events: Vec<Event>) -> Result<Vec<Outcome>, StoreError> {
+        Ok(self.send_commit(events, false).await?.0)
+    }
+
+    /// Like [`Store::commit`], also returning the sequence number each new event got in the
+    /// log (`None` for a duplicate).
+    pub async fn commit_numbered(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Vec<(Outcome, Option<u64>)>, StoreError> {
+        let (outcomes, first_seq) = self.send_commit(events, false).await?;
+        let mut next = first_seq;
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| {
+                if outcome == Outcome::Duplicate {
+                    return (outcome, None);
+                }
+                next += 1;
+                (outcome, Some(next - 1))
+            })
+            .collect())
+    }
+
+    /// Like [`Store::commit`], for events another node accepted: the intake rules (a lift needs
+    /// a note) were that node's to apply.
+    pub async fn commit_replicated(&self, events: Vec<Event>) -> Result<Vec<Outcome>, StoreError> {
+        Ok(self.send_commit(events, true).await?.0)
+    }
+
+    async fn send_commit(
+        &self,
+        events: Vec<Event>,
+        replicated: bool,
+    ) -> Result<committer::Committed, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.committer
-            .send(committer::Job::Commit { events, reply })
+            .send(committer::Job::Commit {
+                events,
+                replicated,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The sequence number of the last event written to the database: every event numbered up
+    /// to it is durable.
+    pub fn applied_through(&self) -> u64 {
+        self.marks.applied.load(Ordering::Acquire)
+    }
+
+    /// Keeps every log segment holding events from `seq` on, whatever snapshots cover: a cluster
+    /// node keeps the events it has not sent to the stream yet.
+    pub fn keep_log_from(&self, seq: u64) {
+        self.marks.keep_log_from.store(seq, Ordering::Release);
+    }
+
+    /// Every logged event from sequence `from` on, with its number, read from the log's files
+    /// beside the writer (see [`log::read_from`]).
+    pub async fn logged_since(&self, from: u64) -> Result<Vec<(u64, Event)>, StoreError> {
+        let dir = self.dir.join("log");
+        tokio::task::spawn_blocking(move || log::read_from(&dir, from))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("reading the log failed: {e}")))?
+            .map_err(StoreError::from)
     }
 
     /// Resolves once the committer has worked through everything queued before it: proof that

@@ -108,14 +108,23 @@ impl Snapshotter {
 
     /// Starts a snapshot when one is due, and finishes one that is done. `below` is the
     /// sequence sled holds everything below now.
-    pub fn tend(&mut self, database: &Arc<Database>, log: &mut Log, below: u64, metrics: &Metrics) {
+    /// `keep_from` is the first sequence the log must keep whatever a snapshot covers (events a
+    /// cluster has not been sent yet).
+    pub fn tend(
+        &mut self,
+        database: &Arc<Database>,
+        log: &mut Log,
+        below: u64,
+        keep_from: u64,
+        metrics: &Metrics,
+    ) {
         if self
             .job
             .as_ref()
             .is_some_and(|job| job.thread.is_finished())
         {
             if let Some(job) = self.job.take() {
-                self.finish(job, database, log, metrics);
+                self.finish(job, database, log, keep_from, metrics);
             }
         }
         if self.job.is_none() && self.is_due(log) {
@@ -173,7 +182,14 @@ impl Snapshotter {
         }
     }
 
-    fn finish(&mut self, job: Job, database: &Database, log: &mut Log, metrics: &Metrics) {
+    fn finish(
+        &mut self,
+        job: Job,
+        database: &Database,
+        log: &mut Log,
+        keep_from: u64,
+        metrics: &Metrics,
+    ) {
         let result = match job.thread.join() {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable(
@@ -183,7 +199,7 @@ impl Snapshotter {
         let done = result.and_then(|(file, summary)| {
             self.newest_bytes = summary.bytes;
             database.make_durable()?;
-            let removed = log.remove_before(job.below)?;
+            let removed = log.remove_before(job.below.min(keep_from))?;
             self.remove_older_than(&file)?;
             Ok(removed)
         });

@@ -1,0 +1,173 @@
+//! This node's durable consumer of the stream: every event any node accepted, this one's
+//! included, committed to the local store and only then acknowledged.
+//!
+//! The consumer is named after the node (`--node-name`) and remembers on the NATS servers how
+//! far the node got. The node also remembers it (the *applied mark*, the last stream sequence
+//! its store holds): a node whose data directory is new or was restored from a backup is behind
+//! what its consumer says, so the consumer is made again from the node's own mark (the stream's
+//! start for an empty directory). Messages are taken as they come and committed together, so a
+//! burst costs one group commit; an event the node already has (its own, coming back) is a
+//! duplicate by idempotency key and changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use futures_util::{FutureExt, StreamExt};
+
+use super::{Link, Remembered};
+use crate::event::Event;
+use crate::metrics::Metrics;
+use crate::store::{Outcome, Store};
+
+/// Messages committed together at most.
+const APPLY_BATCH: usize = 512;
+/// How long a message may wait for its acknowledgement before the servers deliver it again.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// After the consumer failed (servers gone, store down), the next attempt waits this long.
+const RETRY: Duration = Duration::from_secs(1);
+/// The servers send a heartbeat this often while there is nothing to deliver; missing ones
+/// end the consumer's messages, which is then started again.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Applies the stream to the store for as long as the service runs.
+pub(super) async fn apply(link: Arc<Link>, store: Arc<Store>, metrics: Arc<Metrics>) {
+    let mut mark = Remembered::read(&link.config.dir, "applied");
+    let mut failing = false;
+    loop {
+        if !link.connected() {
+            // The connection's own events say when it is lost and back.
+            tokio::time::sleep(RETRY).await;
+            continue;
+        }
+        match consume(&link, &store, &metrics, &mut mark).await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                tracing::warn!("the stream's consumer stopped ({e}); trying again");
+                failing = true;
+            }
+            Err(e) => tracing::debug!("the stream's consumer failed again: {e}"),
+        }
+        tokio::time::sleep(RETRY / 4).await;
+    }
+}
+
+/// Consumes until the connection or the store fails.
+async fn consume(
+    link: &Link,
+    store: &Store,
+    metrics: &Metrics,
+    mark: &mut Remembered,
+) -> Result<(), String> {
+    let connection = link.connections();
+    let stream = link.stream().await?;
+    let consumer = durable_consumer(link, &stream, mark.value).await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(APPLY_BATCH)
+        .heartbeat(HEARTBEAT)
+        .expires(HEARTBEAT * 5)
+        .messages()
+        .await
+        .map_err(|e| format!("consumer {}: {e}", link.config.node))?;
+    let mut watch = tokio::time::interval(RETRY / 4);
+    loop {
+        let first = tokio::select! {
+            first = messages.next() => first,
+            _ = watch.tick() => {
+                if link.connections() != connection {
+                    // Reconnected: the pull requests went with the old connection.
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else {
+            return Err("the consumer's messages ended".into());
+        };
+        let mut batch = vec![first.map_err(|e| e.to_string())?];
+        while batch.len() < APPLY_BATCH {
+            match messages.next().now_or_never() {
+                Some(Some(message)) => batch.push(message.map_err(|e| e.to_string())?),
+                _ => break,
+            }
+        }
+        let mut events = Vec::with_capacity(batch.len());
+        let mut last_seq = mark.value;
+        let mut lag = 0;
+        for message in &batch {
+            if let Ok(info) = message.info() {
+                last_seq = last_seq.max(info.stream_sequence);
+                lag = info.pending;
+            }
+            match serde_json::from_slice::<Event>(&message.payload) {
+                Ok(event) => events.push(event),
+                Err(e) => tracing::error!(
+                    seq = last_seq,
+                    "a message of the stream is not an event; it is skipped: {e}"
+                ),
+            }
+        }
+        let outcomes = store
+            .commit_replicated(events)
+            .await
+            .map_err(|e| format!("committing the stream's events failed: {e}"))?;
+        let new = outcomes
+            .iter()
+            .filter(|o| **o != Outcome::Duplicate)
+            .count();
+        metrics.cluster_replicated(new as u64);
+        metrics.cluster_lag(lag);
+        for message in &batch {
+            message
+                .ack()
+                .await
+                .map_err(|e| format!("acknowledging to the stream failed: {e}"))?;
+        }
+        mark.set(last_seq);
+    }
+}
+
+/// This node's consumer, made again from `applied` when the servers think it further along than
+/// the node's store is.
+async fn durable_consumer(
+    link: &Link,
+    stream: &async_nats::jetstream::stream::Stream,
+    applied: u64,
+) -> Result<PullConsumer, String> {
+    let name = &link.config.node;
+    if let Ok(info) = stream.consumer_info(name).await {
+        if info.ack_floor.stream_sequence <= applied {
+            return stream
+                .get_consumer(name)
+                .await
+                .map_err(|e| format!("consumer {name}: {e}"));
+        }
+        tracing::info!(
+            consumer = %name,
+            acknowledged = info.ack_floor.stream_sequence,
+            applied,
+            "this node's store is behind its consumer (a new or restored data directory, or a crash before the node noted how far it got); the consumer starts again from the store"
+        );
+        stream
+            .delete_consumer(name)
+            .await
+            .map_err(|e| format!("consumer {name}: {e}"))?;
+    }
+    let deliver_policy = match applied {
+        0 => DeliverPolicy::All,
+        applied => DeliverPolicy::ByStartSequence {
+            start_sequence: applied + 1,
+        },
+    };
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            deliver_policy,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("consumer {name}: {e}"))
+}
