@@ -83,15 +83,18 @@ pub struct Metrics {
     cluster: ClusterMetrics,
 }
 
-/// What a cluster node reports; all zero on a node that stands alone.
+/// What a cluster node counts; rendered, with its live state, only on a node of a cluster.
 #[derive(Default)]
 struct ClusterMetrics {
-    enabled: std::sync::atomic::AtomicBool,
-    connected: AtomicU64,
-    pending: AtomicU64,
     lag: AtomicU64,
     published: AtomicU64,
     replicated: AtomicU64,
+}
+
+/// A cluster node's state when `/metrics` is asked.
+pub struct ClusterGauges {
+    pub connected: bool,
+    pub pending: u64,
 }
 
 fn bump(map: &Mutex<BTreeMap<String, u64>>, key: String) {
@@ -177,20 +180,6 @@ impl Metrics {
         self.rebuilds.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The node is part of a cluster: its metrics are rendered.
-    pub fn cluster_enabled(&self) {
-        self.cluster.enabled.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the node is connected to the stream's servers, and how many events it accepted
-    /// are waiting to be published to the stream.
-    pub fn cluster_state(&self, connected: bool, pending: u64) {
-        self.cluster
-            .connected
-            .store(u64::from(connected), Ordering::Relaxed);
-        self.cluster.pending.store(pending, Ordering::Relaxed);
-    }
-
     /// Messages of the stream this node's consumer has not been delivered yet.
     pub fn cluster_lag(&self, lag: u64) {
         self.cluster.lag.store(lag, Ordering::Relaxed);
@@ -218,7 +207,12 @@ impl Metrics {
     }
 
     /// `suppressed` is (phones, accounts) suppressed now.
-    pub fn render(&self, size_on_disk: Option<u64>, suppressed: (u64, u64)) -> String {
+    pub fn render(
+        &self,
+        size_on_disk: Option<u64>,
+        suppressed: (u64, u64),
+        cluster: Option<ClusterGauges>,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
             out,
@@ -331,41 +325,41 @@ impl Metrics {
             "Requests made durable by group commits.",
             self.flushed_requests.load(Ordering::Relaxed),
         );
-        if self.cluster.enabled.load(Ordering::Relaxed) {
-            let cluster = &self.cluster;
+        if let Some(gauges) = cluster {
+            let counted = &self.cluster;
             for (name, kind, help, value) in [
                 (
                     "suppressd_cluster_connected",
                     "gauge",
                     "1 while the node is connected to the stream's NATS servers.",
-                    &cluster.connected,
+                    u64::from(gauges.connected),
                 ),
                 (
                     "suppressd_cluster_pending_events",
                     "gauge",
                     "Events this node accepted that wait to be published to the stream.",
-                    &cluster.pending,
+                    gauges.pending,
                 ),
                 (
                     "suppressd_cluster_consumer_lag",
                     "gauge",
                     "Messages of the stream this node's consumer has not been delivered yet.",
-                    &cluster.lag,
+                    counted.lag.load(Ordering::Relaxed),
                 ),
                 (
                     "suppressd_cluster_published_events_total",
                     "counter",
                     "Events published to the stream and acknowledged by it.",
-                    &cluster.published,
+                    counted.published.load(Ordering::Relaxed),
                 ),
                 (
                     "suppressd_cluster_replicated_events_total",
                     "counter",
                     "Events from the stream that were new to this node.",
-                    &cluster.replicated,
+                    counted.replicated.load(Ordering::Relaxed),
                 ),
             ] {
-                render_value(&mut out, name, kind, help, value.load(Ordering::Relaxed));
+                render_value(&mut out, name, kind, help, value);
             }
         }
         if let Some(bytes) = size_on_disk {

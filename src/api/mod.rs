@@ -139,9 +139,17 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         None => Err(HttpError::NotFound),
         Some(Endpoint::Health) => Ok(health(state)),
         Some(Endpoint::Metrics) => {
+            let cluster = state.cluster.as_ref().map(|cluster| {
+                let status = cluster.status();
+                crate::metrics::ClusterGauges {
+                    connected: status.connected,
+                    pending: status.pending,
+                }
+            });
             let text = state.metrics.render(
                 state.store.size_on_disk().ok(),
                 state.store.suppressed_counts(),
+                cluster,
             );
             Ok(bytes_response(
                 StatusCode::OK,

@@ -2,10 +2,10 @@
 //! included, committed to the local store and only then acknowledged.
 //!
 //! The consumer is named after the node (`--node-name`) and remembers on the NATS servers how
-//! far the node got. The node also remembers it (the *applied mark*, the last stream sequence
-//! its store holds): a node whose data directory is new or was restored from a backup is behind
-//! what its consumer says, so the consumer is made again from the node's own mark (the stream's
-//! start for an empty directory). Messages are taken as they come and committed together, so a
+//! far the node got, across lost connections. The node also remembers it (the *applied mark*,
+//! the last stream sequence its store holds), and at each start makes the consumer again from
+//! there (the stream's start for an empty directory): a data directory that is new or was
+//! restored from a backup is behind what the consumer says. Messages are taken as they come and committed together, so a
 //! burst costs one group commit; an event the node already has (its own, coming back) is a
 //! duplicate by idempotency key and changes nothing.
 
@@ -22,8 +22,9 @@ use crate::store::{Outcome, Store};
 
 /// Messages committed together at most.
 const APPLY_BATCH: usize = 512;
-/// How long a message may wait for its acknowledgement before the servers deliver it again.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a message may wait for its acknowledgement before the servers deliver it again
+/// (a batch is acknowledged as soon as it is committed; a second delivery is a duplicate).
+const ACK_WAIT: Duration = Duration::from_secs(10);
 /// After the consumer failed (servers gone, store down), the next attempt waits this long.
 const RETRY: Duration = Duration::from_secs(1);
 /// The servers send a heartbeat this often while there is nothing to deliver; missing ones
@@ -34,13 +35,14 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 pub(super) async fn apply(link: Arc<Link>, store: Arc<Store>, metrics: Arc<Metrics>) {
     let mut mark = Remembered::read(&link.config.dir, "applied");
     let mut failing = false;
+    let mut started = false;
     loop {
         if !link.connected() {
             // The connection's own events say when it is lost and back.
             tokio::time::sleep(RETRY).await;
             continue;
         }
-        match consume(&link, &store, &metrics, &mut mark).await {
+        match consume(&link, &store, &metrics, &mut mark, &mut started).await {
             Ok(()) => failing = false,
             Err(e) if !failing => {
                 tracing::warn!("the stream's consumer stopped ({e}); trying again");
@@ -58,10 +60,21 @@ async fn consume(
     store: &Store,
     metrics: &Metrics,
     mark: &mut Remembered,
+    started: &mut bool,
 ) -> Result<(), String> {
     let connection = link.connections();
     let stream = link.stream().await?;
-    let consumer = durable_consumer(link, &stream, mark.value).await?;
+    let mut consumer = durable_consumer(link, &stream, mark.value, !*started).await?;
+    *started = true;
+    if let Ok(info) = consumer.info().await {
+        tracing::info!(
+            consumer = %link.config.node,
+            applied = mark.value,
+            pending = info.num_pending,
+            "applying the stream's events"
+        );
+        metrics.cluster_lag(info.num_pending);
+    }
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(APPLY_BATCH)
@@ -128,27 +141,32 @@ async fn consume(
     }
 }
 
-/// This node's consumer, made again from `applied` when the servers think it further along than
-/// the node's store is.
+/// This node's consumer. At the process's start it is made again from `applied`, the node's own
+/// mark: the servers may think it further along than the node's store (a new or restored data
+/// directory, a crash before the mark was written), and a process that died left pull requests
+/// behind to which the servers would hand messages nobody acknowledges until `ACK_WAIT` ends.
 async fn durable_consumer(
     link: &Link,
     stream: &async_nats::jetstream::stream::Stream,
     applied: u64,
+    afresh: bool,
 ) -> Result<PullConsumer, String> {
     let name = &link.config.node;
     if let Ok(info) = stream.consumer_info(name).await {
-        if info.ack_floor.stream_sequence <= applied {
+        if !afresh && info.ack_floor.stream_sequence <= applied {
             return stream
                 .get_consumer(name)
                 .await
                 .map_err(|e| format!("consumer {name}: {e}"));
         }
-        tracing::info!(
-            consumer = %name,
-            acknowledged = info.ack_floor.stream_sequence,
-            applied,
-            "this node's store is behind its consumer (a new or restored data directory, or a crash before the node noted how far it got); the consumer starts again from the store"
-        );
+        if info.ack_floor.stream_sequence > applied {
+            tracing::info!(
+                consumer = %name,
+                acknowledged = info.ack_floor.stream_sequence,
+                applied,
+                "this node's store is behind its consumer (a new or restored data directory, or a crash before the node noted how far it got); it starts again from the store"
+            );
+        }
         stream
             .delete_consumer(name)
             .await

@@ -144,7 +144,6 @@ impl Cluster {
             .map_err(|e| format!("--cluster-nats {}: {e}", config.servers.join(",")))?;
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| format!("cannot create {}: {e}", config.dir.display()))?;
-        metrics.cluster_enabled();
         let context = jetstream::new(client.clone());
         let link = Arc::new(Link {
             context,

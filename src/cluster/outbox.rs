@@ -190,7 +190,6 @@ pub(super) async fn publish(
     let mut marked_at = Instant::now();
     let mut failing = false;
     loop {
-        metrics.cluster_state(link.connected(), outbox.len());
         if outbox.len() == 0 {
             let _ = tokio::time::timeout(MARK_EVERY, outbox.wake.notified()).await;
         }

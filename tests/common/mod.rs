@@ -18,6 +18,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
+pub mod nats;
+
 pub const SECRET: &str = "lox24-test-secret";
 pub const SENDIOS_SECRET: &str = "sendios-test-secret";
 pub const TENCENT_APP: &str = "1400000000";
