@@ -1,8 +1,8 @@
 //! Several nodes sharing one list through a NATS JetStream stream (`--cluster-nats`).
 //!
 //! Every node takes webhooks, manual changes and imports as a node standing alone does: an
-//! event is durable in the node's own log first (`fdatasync`ed; NATS 2.9 syncs its file store
-//! only every 60 s, so a PubAck is not a promise that the event is on any disk). It is then
+//! event is durable in the node's own log first (`fdatasync`ed; NATS syncs its file store only
+//! periodically, so a PubAck is not a promise that the event is on any disk). It is then
 //! published to the stream with `Nats-Msg-Id` set to its idempotency key, and the request is
 //! answered once the stream acknowledged it — a quorum of the stream's replicas holds it — or,
 //! when the stream cannot be reached, once it is queued: an opt-out on one node's disk is better
