@@ -149,30 +149,33 @@ impl Planner {
         batch: &mut Plan,
         events: &[Event],
     ) -> Result<Vec<Outcome>, StoreError> {
-        let mut mine = Plan::starting_at(batch.next_seq());
-        let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
-            let seq = mine.next_seq();
-            outcomes.push(self.plan_event(view, batch, &mut mine, event, seq, Check::Rules)?);
-        }
-        batch.absorb(mine);
-        Ok(outcomes)
+        self.plan_request(view, batch, events, Check::Rules)
     }
 
-    /// Plans events another node accepted (they came through the cluster's stream): new ones
-    /// are numbered like any, but the intake rules that refuse a request were that node's to
-    /// apply, and an event it accepted is not refused here.
+    /// Plans events another node accepted (they came through the cluster's stream) like
+    /// [`Planner::plan`], except that the intake rules that refuse a request were that node's
+    /// to apply: an event it accepted is not refused here.
     pub fn plan_replicated(
         &self,
         view: &View,
         batch: &mut Plan,
         events: &[Event],
     ) -> Result<Vec<Outcome>, StoreError> {
+        self.plan_request(view, batch, events, Check::Logged)
+    }
+
+    fn plan_request(
+        &self,
+        view: &View,
+        batch: &mut Plan,
+        events: &[Event],
+        check: Check,
+    ) -> Result<Vec<Outcome>, StoreError> {
         let mut mine = Plan::starting_at(batch.next_seq());
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
             let seq = mine.next_seq();
-            outcomes.push(self.plan_event(view, batch, &mut mine, event, seq, Check::Logged)?);
+            outcomes.push(self.plan_event(view, batch, &mut mine, event, seq, check)?);
         }
         batch.absorb(mine);
         Ok(outcomes)
@@ -465,6 +468,17 @@ fn write_plans(
     Ok(())
 }
 
+/// Every key and value of a tree, in order: what two trees are compared by in tests.
+#[cfg(test)]
+pub(super) fn dump(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv.expect("entry");
+            (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,14 +694,6 @@ mod tests {
             planner.replay(&view, &mut one, seq, event).expect("replay");
             write(&rebuilt, &Views::new(), &[&one], &mut stamp, seq).expect("write");
         }
-        let dump = |tree: &sled::Tree| -> Vec<(Vec<u8>, Vec<u8>)> {
-            tree.iter()
-                .map(|kv| {
-                    let (k, v) = kv.expect("entry");
-                    (k.to_vec(), v.to_vec())
-                })
-                .collect()
-        };
         assert_eq!(dump(&original), dump(&rebuilt));
         assert!(!status(&rebuilt, "+4930100002"), "lifted");
         assert!(status(&rebuilt, "+4930100003"));

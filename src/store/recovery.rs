@@ -591,6 +591,7 @@ fn migrate_legacy(config: &StoreConfig, planner: &Planner) -> Result<(), StoreEr
 mod tests {
     use super::*;
     use crate::event::{Event, Kind, Source, Subject};
+    use crate::store::apply::dump;
     use crate::store::record::Rules;
 
     fn event(phone: &str, source: Source, kind: Kind, key: &str, time_ms: i64) -> Event {
@@ -612,15 +613,6 @@ mod tests {
                 .insert("note".into(), "consent form 17".into());
         }
         event
-    }
-
-    fn dump(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
-        tree.iter()
-            .map(|kv| {
-                let (k, v) = kv.expect("entry");
-                (k.to_vec(), v.to_vec())
-            })
-            .collect()
     }
 
     /// A rebuild plans each batch while the one before is still being written, so every event
