@@ -185,6 +185,24 @@ async fn a_delivery_on_one_node_is_on_the_others_within_two_seconds_with_the_sam
     let health = nodes[1].get("/healthz").await.json();
     assert_eq!(health["cluster"], "connected", "{health}");
     assert_eq!(health["pending_events"], 0, "{health}");
+
+    // A new node with an empty data directory joins and catches up from the stream.
+    let joined = Server::start(Options {
+        extra: vec![
+            "--cluster-nats".into(),
+            nats.urls(),
+            "--node-name".into(),
+            "d".into(),
+        ],
+        ..Options::default()
+    });
+    eventually(
+        Duration::from_secs(10),
+        "a new node catches up from the stream",
+        || missing(&joined, &phones),
+    )
+    .await;
+    assert_eq!(history(&joined, &path).await, on_a);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
