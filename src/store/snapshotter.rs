@@ -52,6 +52,9 @@ pub(super) fn write_verified(
     Ok((file, written))
 }
 
+/// How often the log's and the snapshots' sizes are measured for the metrics.
+const MEASURE_EVERY: Duration = Duration::from_secs(1);
+
 /// After a failed snapshot, the next attempt waits this long.
 const RETRY: Duration = Duration::from_secs(60);
 
@@ -72,6 +75,8 @@ pub(super) struct Snapshotter {
     bytes_before_open: u64,
     newest_bytes: u64,
     last: Instant,
+    /// When the log's and the snapshots' sizes were last measured for the metrics.
+    measured: Instant,
     job: Option<Job>,
     not_before: Option<Instant>,
 }
@@ -97,6 +102,9 @@ impl Snapshotter {
             },
             newest_bytes,
             last: Instant::now(),
+            measured: Instant::now()
+                .checked_sub(MEASURE_EVERY)
+                .unwrap_or_else(Instant::now),
             job: None,
             not_before: None,
         }
@@ -130,7 +138,12 @@ impl Snapshotter {
         if self.job.is_none() && self.is_due(log) {
             self.start(database.clone(), below, log.appended_bytes());
         }
-        metrics.log_and_snapshot_bytes(log.size_on_disk(), self.size_on_disk());
+        // Sizes take a directory listing and a stat per file: not on every group commit, which
+        // waits for this thread.
+        if self.measured.elapsed() >= MEASURE_EVERY {
+            metrics.log_and_snapshot_bytes(log.size_on_disk(), self.size_on_disk());
+            self.measured = Instant::now();
+        }
     }
 
     fn is_due(&self, log: &Log) -> bool {
@@ -206,6 +219,10 @@ impl Snapshotter {
         match done {
             Ok(removed) => {
                 metrics.snapshot_written();
+                // What the snapshot changed on disk shows at once.
+                self.measured = Instant::now()
+                    .checked_sub(MEASURE_EVERY)
+                    .unwrap_or(self.measured);
                 if removed > 0 {
                     tracing::info!(
                         segments = removed,
