@@ -15,6 +15,7 @@ use crate::error::HttpError;
 use crate::event::{ms_to_secs, Subject, MAX_ID_BYTES};
 use crate::response::{json_response, ndjson_response, Response};
 use crate::state::AppState;
+use crate::store::StoreError;
 use crate::web::{read_body, Line, LineFormat, LineReader, Request};
 
 /// Most entries one `POST /v1/check` may carry.
@@ -193,21 +194,7 @@ pub(super) async fn check(state: &AppState, request: Request) -> Result<Response
     let mut results = Vec::with_capacity(entries);
     for entry in &phones {
         results.push(match entry {
-            CheckEntry::Text(input) => match state.phones.normalize_borrowed(input) {
-                Ok(phone) => {
-                    let status = state.store.phone_status(&phone)?;
-                    CheckResult::Found {
-                        input,
-                        phone,
-                        suppressed: status.suppressed,
-                        since: status.since_ms.map(ms_to_secs),
-                    }
-                }
-                Err(e) => CheckResult::InvalidText {
-                    input,
-                    error: e.to_string(),
-                },
-            },
+            CheckEntry::Text(input) => phone_result(state, input)?,
             CheckEntry::Other(input) => CheckResult::Invalid {
                 input,
                 error: "entry must be a phone number string".into(),
@@ -297,7 +284,12 @@ fn check_line(state: &AppState, line: &[u8], format: LineFormat, output: &mut Ve
         LineFormat::Text | LineFormat::Csv => {
             // The common case at campaign scale: written straight from the lookup, without
             // building a JSON value first (which cost a third of a streamed check).
-            write_result(output, &check_phone_text(state, text));
+            // A streamed check reports a store failure on the line it hit.
+            let result = phone_result(state, text).unwrap_or_else(|e| CheckResult::InvalidText {
+                input: text,
+                error: e.to_string(),
+            });
+            write_line(output, &result);
             return 1;
         }
         LineFormat::Ndjson => match serde_json::from_str::<Value>(text) {
@@ -339,31 +331,24 @@ fn check_line(state: &AppState, line: &[u8], format: LineFormat, output: &mut Ve
     1
 }
 
-/// The result for one phone number given as text, as a JSON list's entry would be.
-fn check_phone_text<'a>(state: &AppState, input: &'a str) -> CheckResult<'a> {
-    let status = state
-        .phones
-        .normalize_borrowed(input)
-        .map_err(|e| e.to_string())
-        .and_then(|phone| match state.store.phone_status(&phone) {
-            Ok(status) => Ok((phone, status)),
-            Err(e) => Err(e.to_string()),
-        });
-    match status {
-        Ok((phone, status)) => CheckResult::Found {
+/// The result for one phone number given as text, as a JSON list's entry would be. A number
+/// that does not parse is a result; a store that cannot answer is the caller's to report.
+fn phone_result<'a>(state: &AppState, input: &'a str) -> Result<CheckResult<'a>, StoreError> {
+    match state.phones.normalize_borrowed(input) {
+        Ok(phone) => {
+            let status = state.store.phone_status(&phone)?;
+            Ok(CheckResult::Found {
+                input,
+                phone,
+                suppressed: status.suppressed,
+                since: status.since_ms.map(ms_to_secs),
+            })
+        }
+        Err(e) => Ok(CheckResult::InvalidText {
             input,
-            phone,
-            suppressed: status.suppressed,
-            since: status.since_ms.map(ms_to_secs),
-        },
-        Err(error) => CheckResult::InvalidText { input, error },
+            error: e.to_string(),
+        }),
     }
-}
-
-fn write_result(output: &mut Vec<u8>, result: &CheckResult<'_>) {
-    // Writing JSON into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *output, result);
-    output.push(b'\n');
 }
 
 fn check_phone_value(state: &AppState, input: Value, phone: &str) -> Value {
@@ -379,7 +364,7 @@ fn check_phone_value(state: &AppState, input: Value, phone: &str) -> Value {
     }
 }
 
-fn write_line(output: &mut Vec<u8>, value: &Value) {
+fn write_line(output: &mut Vec<u8>, value: &impl Serialize) {
     // Writing JSON into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *output, value);
     output.push(b'\n');
