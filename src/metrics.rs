@@ -91,8 +91,8 @@ struct ClusterMetrics {
     replicated: AtomicU64,
 }
 
-/// A cluster node's state when `/metrics` is asked.
-pub struct ClusterGauges {
+/// A cluster node's live state, as `/metrics` and `/healthz` show it.
+pub struct ClusterStatus {
     pub connected: bool,
     pub pending: u64,
 }
@@ -211,7 +211,7 @@ impl Metrics {
         &self,
         size_on_disk: Option<u64>,
         suppressed: (u64, u64),
-        cluster: Option<ClusterGauges>,
+        cluster: Option<ClusterStatus>,
     ) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(

@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::auth::DEFAULT_ACTOR;
+use crate::cluster::Cluster;
 use crate::error::HttpError;
 use crate::event::{
     mint_idempotency_key, ms_to_secs, now_ms, Event, Kind, Source, Subject, MAX_ID_BYTES,
@@ -139,13 +140,7 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         None => Err(HttpError::NotFound),
         Some(Endpoint::Health) => Ok(health(state)),
         Some(Endpoint::Metrics) => {
-            let cluster = state.cluster.as_ref().map(|cluster| {
-                let status = cluster.status();
-                crate::metrics::ClusterGauges {
-                    connected: status.connected,
-                    pending: status.pending,
-                }
-            });
+            let cluster = state.cluster.as_ref().map(Cluster::status);
             let text = state.metrics.render(
                 state.store.size_on_disk().ok(),
                 state.store.suppressed_counts(),
@@ -188,10 +183,13 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
 /// stream and how many accepted events wait for it; it stays 200 without the stream, since it
 /// keeps answering lookups and taking deliveries.
 fn health(state: &AppState) -> Response {
-    let mut body = if state.store.is_open() {
-        json!({"status": "ok"})
+    let (code, mut body) = if state.store.is_open() {
+        (StatusCode::OK, json!({"status": "ok"}))
     } else {
-        json!({"status": "unavailable", "error": "the database is closed after a storage failure; it is reopened once the data directory takes writes again"})
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "unavailable", "error": "the database is closed after a storage failure; it is reopened once the data directory takes writes again"}),
+        )
     };
     if let Some(cluster) = &state.cluster {
         let status = cluster.status();
@@ -202,11 +200,6 @@ fn health(state: &AppState) -> Response {
         });
         body["pending_events"] = json!(status.pending);
     }
-    let code = if state.store.is_open() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     json_response(code, &body)
 }
 

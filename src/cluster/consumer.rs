@@ -5,9 +5,9 @@
 //! far the node got, across lost connections. The node also remembers it (the *applied mark*,
 //! the last stream sequence its store holds), and at each start makes the consumer again from
 //! there (the stream's start for an empty directory): a data directory that is new or was
-//! restored from a backup is behind what the consumer says. Messages are taken as they come and committed together, so a
-//! burst costs one group commit; an event the node already has (its own, coming back) is a
-//! duplicate by idempotency key and changes nothing.
+//! restored from a backup is behind what the consumer says. Messages are taken as they come
+//! and committed together, so a burst costs one group commit; an event the node already has
+//! (its own, coming back) is a duplicate by idempotency key and changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;

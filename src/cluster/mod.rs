@@ -30,7 +30,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 
 use crate::event::Event;
-use crate::metrics::Metrics;
+use crate::metrics::{ClusterStatus, Metrics};
 use crate::store::{Outcome, Store, StoreError};
 use outbox::Outbox;
 
@@ -81,15 +81,9 @@ pub fn valid_node_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// What `/healthz` says of the cluster.
-pub struct ClusterStatus {
-    pub connected: bool,
-    pub pending: u64,
-}
-
 /// A running node's link to the stream.
 pub struct Cluster {
-    client: async_nats::Client,
+    link: Arc<Link>,
     outbox: Arc<Outbox>,
     store: Arc<Store>,
 }
@@ -148,7 +142,7 @@ impl Cluster {
         let link = Arc::new(Link {
             context,
             config,
-            client: client.clone(),
+            client,
             connections,
         });
         let outbox = Arc::new(Outbox::new());
@@ -158,9 +152,9 @@ impl Cluster {
             store.clone(),
             metrics.clone(),
         ));
-        tokio::spawn(consumer::apply(link, store.clone(), metrics));
+        tokio::spawn(consumer::apply(link.clone(), store.clone(), metrics));
         Ok(Cluster {
-            client,
+            link,
             outbox,
             store,
         })
@@ -179,20 +173,16 @@ impl Cluster {
             .filter_map(|((_, seq), event)| seq.map(|seq| (seq, event)))
             .collect();
         let acked = self.outbox.enqueue(new, ticket);
-        if self.connected() {
+        if self.link.connected() {
             // Not acknowledged in time: queued, and published once the stream takes it.
             let _ = tokio::time::timeout(ACK_PATIENCE, acked).await;
         }
         Ok(outcomes)
     }
 
-    fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
     pub fn status(&self) -> ClusterStatus {
         ClusterStatus {
-            connected: self.connected(),
+            connected: self.link.connected(),
             pending: self.outbox.len(),
         }
     }

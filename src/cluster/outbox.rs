@@ -70,7 +70,6 @@ struct Queue {
 pub(super) struct Outbox {
     queue: Mutex<Queue>,
     wake: Notify,
-    len: AtomicU64,
 }
 
 /// A request in progress: the published mark stays below where the log was when it began,
@@ -97,7 +96,6 @@ impl Outbox {
         Outbox {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
-            len: AtomicU64::new(0),
         }
     }
 
@@ -132,8 +130,6 @@ impl Outbox {
                     acked: Some(request.clone()),
                 });
             }
-            self.len
-                .store(queue.waiting.len() as u64, Ordering::Relaxed);
         }
         drop(ticket);
         self.wake.notify_one();
@@ -143,16 +139,13 @@ impl Outbox {
     }
 
     pub fn len(&self) -> u64 {
-        self.len.load(Ordering::Relaxed)
+        lock(&self.queue).waiting.len() as u64
     }
 
     fn take(&self, most: usize) -> Vec<Waiting> {
         let mut queue = lock(&self.queue);
         let count = most.min(queue.waiting.len());
-        let taken = queue.waiting.drain(..count).collect();
-        self.len
-            .store(queue.waiting.len() as u64, Ordering::Relaxed);
-        taken
+        queue.waiting.drain(..count).collect()
     }
 
     /// Puts events the stream did not take back at the front, in their order.
@@ -161,8 +154,17 @@ impl Outbox {
         for event in events.into_iter().rev() {
             queue.waiting.push_front(event);
         }
-        self.len
-            .store(queue.waiting.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Queues events read back from the log at start; no request waits for them.
+    fn queue_logged(&self, logged: Vec<(u64, Event)>) {
+        lock(&self.queue)
+            .waiting
+            .extend(logged.into_iter().map(|(seq, event)| Waiting {
+                seq,
+                event,
+                acked: None,
+            }));
     }
 
     /// The highest sequence up to which every event this node accepted is acknowledged, given
@@ -284,17 +286,7 @@ async fn republish_logged(outbox: &Outbox, store: &Store, from: u64) {
                         "publishing again what the log holds after the last event the stream acknowledged"
                     );
                 }
-                let mut queue = lock(&outbox.queue);
-                queue
-                    .waiting
-                    .extend(logged.into_iter().map(|(seq, event)| Waiting {
-                        seq,
-                        event,
-                        acked: None,
-                    }));
-                outbox
-                    .len
-                    .store(queue.waiting.len() as u64, Ordering::Relaxed);
+                outbox.queue_logged(logged);
                 return;
             }
             Err(e) => {
