@@ -454,28 +454,21 @@ impl Store {
 
     /// A subject's stored record, `None` if never seen.
     pub fn record(&self, subject: &Subject) -> Result<Option<RecordRef>, StoreError> {
+        // Only phone records are cached: they are what lookups ask for again and again.
         let number = match subject {
             Subject::Phone { phone } => crate::phone::e164_digits(phone),
             Subject::Account { .. } => None,
         };
-        let Some(number) = number else {
-            let bytes = self
-                .database
-                .get()?
-                .tree
-                .get(record_key(&subject_key(subject)))?;
-            return Ok(bytes.map(|bytes| RecordRef { bytes }));
-        };
-        if let Some(bytes) = self.views.hot.get(number) {
+        if let Some(bytes) = number.and_then(|number| self.views.hot.get(number)) {
             return Ok(Some(RecordRef { bytes }));
         }
-        let generation = self.views.hot.generation(number);
+        let generation = number.map(|number| (number, self.views.hot.generation(number)));
         let bytes = self
             .database
             .get()?
             .tree
             .get(record_key(&subject_key(subject)))?;
-        if let Some(bytes) = &bytes {
+        if let (Some((number, generation)), Some(bytes)) = (generation, &bytes) {
             self.views.hot.insert(number, generation, bytes.clone());
         }
         Ok(bytes.map(|bytes| RecordRef { bytes }))

@@ -4,11 +4,13 @@
 //! (`--snapshot-every-events`, `--snapshot-every-mb`) and the log since is at least as large as
 //! the newest snapshot, or once `--snapshot-every-seconds` have passed, if anything is new. The
 //! size rule keeps the cost of rewriting the whole list proportional to what arrived: a
-//! 10,000,000-number list is not rewritten after every million events. It is written from a scan of sled filtered to the events numbered below what
-//! sled held when it began (history entries never change, so that is a consistent picture while
-//! writes go on), on a thread of its own so that commits do not wait for it. Once it has been
-//! read back whole: sled is made durable on its own (so that a start does not need the segments
-//! about to go), the log's segments it covers are removed, and so are older snapshots.
+//! 10,000,000-number list is not rewritten after every million events. It is written from a
+//! scan of sled filtered to the events numbered below what sled held when it began (history
+//! entries never change, so that is a consistent picture while writes go on), on a thread of
+//! its own so that commits do not wait for it. Once it has been read back whole: sled is made
+//! durable on its own (so that a start does not need the segments about to go), the log's
+//! segments it covers are removed (but for those a cluster node has not published yet), and so
+//! are older snapshots.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,8 +77,9 @@ pub(super) struct Snapshotter {
     bytes_before_open: u64,
     newest_bytes: u64,
     last: Instant,
-    /// When the log's and the snapshots' sizes were last measured for the metrics.
-    measured: Instant,
+    /// When the log's and the snapshots' sizes were last measured for the metrics; `None`
+    /// measures them at the next chance.
+    measured: Option<Instant>,
     job: Option<Job>,
     not_before: Option<Instant>,
 }
@@ -102,9 +105,7 @@ impl Snapshotter {
             },
             newest_bytes,
             last: Instant::now(),
-            measured: Instant::now()
-                .checked_sub(MEASURE_EVERY)
-                .unwrap_or_else(Instant::now),
+            measured: None,
             job: None,
             not_before: None,
         }
@@ -140,9 +141,12 @@ impl Snapshotter {
         }
         // Sizes take a directory listing and a stat per file: not on every group commit, which
         // waits for this thread.
-        if self.measured.elapsed() >= MEASURE_EVERY {
+        if self
+            .measured
+            .is_none_or(|measured| measured.elapsed() >= MEASURE_EVERY)
+        {
             metrics.log_and_snapshot_bytes(log.size_on_disk(), self.size_on_disk());
-            self.measured = Instant::now();
+            self.measured = Some(Instant::now());
         }
     }
 
@@ -220,9 +224,7 @@ impl Snapshotter {
             Ok(removed) => {
                 metrics.snapshot_written();
                 // What the snapshot changed on disk shows at once.
-                self.measured = Instant::now()
-                    .checked_sub(MEASURE_EVERY)
-                    .unwrap_or(self.measured);
+                self.measured = None;
                 if removed > 0 {
                     tracing::info!(
                         segments = removed,
