@@ -8,8 +8,9 @@
 //! Memory per number is what the operator pays for every suppressed number, so the numbers live
 //! in a sorted array (12 bytes per number: the digits and `since` in Unix seconds, which is all
 //! an answer shows) rather than a hash map (36 bytes at its power-of-two capacity). Changes
-//! first go to a small map of recent changes per shard, which is merged into the arrays once it holds a sixteenth of them, so a change costs
-//! amortised O(1) copies and a lookup is one map probe and one search of an array (see [`find`]).
+//! first go to a small map of recent changes per shard, which is merged into the array once it
+//! holds a sixteenth of it, so a change costs amortised O(1) copies and a lookup is one map
+//! probe and one search of the array (see [`find`]).
 //!
 //! Sharded so that a bulk check and the committer never wait for each other for long: a merge
 //! holds one shard, a sixty-fourth of the numbers.
@@ -38,7 +39,7 @@ struct Shard {
     samples: Vec<u64>,
     /// The `since` of entries marked [`FAR`].
     far: HashMap<u64, i64>,
-    /// Changes not yet merged into the arrays: `Some(since)` suppressed, `None` lifted.
+    /// Changes not yet merged into `entries`: `Some(since)` suppressed, `None` lifted.
     recent: NumberMap<Option<i64>>,
     /// Numbers suppressed after `recent` is applied.
     suppressed: usize,
@@ -178,7 +179,7 @@ impl Shard {
         self.entries.push(entry);
     }
 
-    /// Appends `number` (greater than any in the arrays) with its `since`.
+    /// Appends `number` (greater than any in `entries`) with its `since`.
     fn push(&mut self, number: u64, since_ms: i64) {
         match u32::try_from(since_ms.div_euclid(1000)) {
             Ok(secs) if secs != FAR => self.push_entry(Entry::new(number, secs)),
@@ -206,7 +207,7 @@ impl Shard {
         }
     }
 
-    /// Folds the recent changes into new arrays sized exactly, so that no capacity is left over.
+    /// Folds the recent changes into a new array sized exactly, so that no capacity is left over.
     fn merge(&mut self) {
         let mut recent: Vec<(u64, Option<i64>)> =
             std::mem::take(&mut self.recent).into_iter().collect();

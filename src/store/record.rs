@@ -37,10 +37,10 @@ pub struct Reason {
 /// Everything the list knows about one subject now (its past is in the history tree).
 ///
 /// A record is a function of the *set* of its subject's events, whatever order they arrived in:
-/// the rules take events in [`rule_order`] (event time, then kind and idempotency key). An event later
-/// than every one before it is applied on top ([`Record::takes_next`]); one that is not is
-/// placed by replaying the subject's events in that order ([`Record::replay`]). Two nodes that
-/// received the same events in different orders so hold the same record.
+/// the rules take events in [`rule_order`] (event time, then kind and idempotency key). An
+/// event later than every one before it is applied on top ([`Record::takes_next`]); one that is
+/// not is placed by replaying the subject's events in that order ([`Record::replay`]). Two
+/// nodes that received the same events in different orders so hold the same record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// Events in force, earliest first; the subject is suppressed while there is any.
@@ -56,8 +56,9 @@ pub struct Record {
     /// person's own unsubscribe, however its events are ordered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifted_at_ms: Option<i64>,
-    /// The latest event time among the events the rules take into account (all but
-    /// `sms_sent`): an event after it is applied on top, any other needs a replay.
+    /// The latest event time among the events whose order the rules depend on (all but
+    /// `sms_sent` and `undeliverable`, see [`orders_rules`]): an event after it is applied on
+    /// top, any other needs a replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_ms: Option<i64>,
 }
@@ -78,8 +79,9 @@ pub fn rule_order(event: &Event) -> (i64, u8, &str) {
     (event.event_time_ms, stage, &event.idempotency_key)
 }
 
-/// Whether an event's place among the others matters to the rules (`sms_sent` only goes into
-/// the history).
+/// Whether an event's place among the others matters to the rules: `sms_sent` and
+/// `undeliverable` events only go into the history (undeliverability comes from `sms_lost`
+/// streaks).
 fn orders_rules(kind: Kind) -> bool {
     !matches!(kind, Kind::SmsSent | Kind::Undeliverable)
 }
