@@ -15,14 +15,7 @@ use serde_json::json;
 async fn a_backup_taken_under_load_restores_every_number_acknowledged_before_it_began() {
     let server = Arc::new(Server::start(Options::default()));
     let list: Vec<String> = (0..5_000).map(|i| format!("+4930880{i:05}")).collect();
-    let imported = server
-        .api_with(
-            "POST",
-            "/v1/import",
-            &[("content-type", "text/plain")],
-            list.join("\n"),
-        )
-        .await;
+    let imported = server.import_list(&list).await;
     assert_eq!(imported.status, 200, "{}", imported.text);
     let acknowledged = Arc::new(Mutex::new(list));
     let stop = Arc::new(AtomicBool::new(false));

@@ -359,14 +359,7 @@ async fn providers_lifts_and_imports_behave_on_a_cluster_as_on_one_node() {
 
     // An import on c.
     let imported = ["+4930777000001", "+4930777000002"];
-    let reply = c
-        .api_with(
-            "POST",
-            "/v1/import",
-            &[("content-type", "text/plain")],
-            imported.join("\n"),
-        )
-        .await;
+    let reply = c.import_list(&imported).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
 
     // A lift with a note on b beats an unsubscribe that happened before it, delivered late to c.

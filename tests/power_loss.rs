@@ -85,14 +85,7 @@ async fn run_round(
                 let phones: Vec<String> = (0..LIST)
                     .map(|i| format!("+4916{series}{round}{batch:03}{i:05}"))
                     .collect();
-                let reply = server
-                    .api_with(
-                        "POST",
-                        "/v1/import",
-                        &[("content-type", "text/plain")],
-                        phones.join("\n"),
-                    )
-                    .await;
+                let reply = server.import_list(&phones).await;
                 if reply.status == 200 {
                     acknowledged.lock().unwrap().extend(phones);
                 }

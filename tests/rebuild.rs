@@ -33,14 +33,7 @@ async fn populate(server: &Server) -> Vec<String> {
         paths.push(format!("/v1/phones/{}", phone(i)));
     }
     let list: Vec<String> = (100..400).map(phone).collect();
-    let imported = server
-        .api_with(
-            "POST",
-            "/v1/import",
-            &[("content-type", "text/plain")],
-            list.join("\n"),
-        )
-        .await;
+    let imported = server.import_list(&list).await;
     assert_eq!(imported.status, 200, "{}", imported.text);
     paths.extend((100..110).map(|i| format!("/v1/phones/{}", phone(i))));
     for (n, account) in [(2, "streak"), (3, "gone")] {
@@ -252,14 +245,7 @@ async fn a_verified_snapshot_replaces_the_segments_it_covers_and_rebuilds_the_li
     let mut all = Vec::new();
     for batch in 0..3 {
         let list: Vec<String> = (0..20_000).map(|i| format!("+4930{batch}{i:07}")).collect();
-        let imported = server
-            .api_with(
-                "POST",
-                "/v1/import",
-                &[("content-type", "text/plain")],
-                list.join("\n"),
-            )
-            .await;
+        let imported = server.import_list(&list).await;
         assert_eq!(imported.status, 200, "{}", imported.text);
         all.extend(list);
     }

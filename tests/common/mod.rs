@@ -530,6 +530,18 @@ impl Server {
         self.api("GET", path, Bytes::new()).await
     }
 
+    /// `POST /v1/import` of a plain list, one number a line.
+    pub async fn import_list(&self, numbers: &[impl AsRef<str>]) -> Reply {
+        let body: Vec<&str> = numbers.iter().map(AsRef::as_ref).collect();
+        self.api_with(
+            "POST",
+            "/v1/import",
+            &[("content-type", "text/plain")],
+            body.join("\n"),
+        )
+        .await
+    }
+
     /// Reads a counter or gauge from `/metrics` (sum over matching label sets).
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         let text = self.get("/metrics").await.text;
