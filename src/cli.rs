@@ -243,8 +243,9 @@ pub struct ServeArgs {
     )]
     pub cache_mb: u64,
 
-    /// Memory in MiB for the phone records looked up lately, so that a number looked up again
-    /// skips the database; every write of a record evicts it. 0 turns it off.
+    /// Memory in MiB for the answers to phone lookups asked for lately, so that a number looked
+    /// up again is answered from memory; every write of a phone's record evicts its answer. 0
+    /// turns it off.
     #[arg(
         long,
         env = "SUPPRESSD_LOOKUP_CACHE_MB",

@@ -307,6 +307,42 @@ async fn streamed_bulk_check_in_ndjson_takes_phones_and_accounts() {
     assert!(results[4]["error"].is_string());
 }
 
+/// A lookup's answer is kept in memory whether or not the number is suppressed: a number
+/// checked (and found free) before its unsubscribe must be suppressed from the unsubscribe's 200
+/// on, and free again once lifted.
+#[tokio::test]
+async fn a_number_looked_up_before_its_unsubscribe_is_suppressed_from_its_200_on() {
+    let server = Server::start(Options::default());
+    for _ in 0..3 {
+        let record = server.get("/v1/phones/%2B4930555000222").await.json();
+        assert_eq!(record["suppressed"], false, "{record}");
+    }
+    let reply = server
+        .lox24(lox24_event(
+            "8d7f0c4e-0000-4000-8000-00000000c0df",
+            "+4930555000222",
+            1_700_000_000,
+        ))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    for _ in 0..3 {
+        let record = server.get("/v1/phones/%2B4930555000222").await.json();
+        assert_eq!(record["suppressed"], true, "{record}");
+        assert_eq!(record["reasons"][0]["source"], "lox24", "{record}");
+    }
+    let reply = server
+        .api(
+            "DELETE",
+            "/v1/phones/%2B4930555000222",
+            r#"{"note": "asked to be messaged again"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let record = server.get("/v1/phones/%2B4930555000222").await.json();
+    assert_eq!(record["suppressed"], false, "{record}");
+    assert_eq!(record["reasons"], json!([]), "{record}");
+}
+
 /// A suppressed number looked up is kept in memory for the next lookup; a new event for it
 /// must show at once, so the write evicts it.
 #[tokio::test]

@@ -14,6 +14,7 @@ mod list;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -27,7 +28,7 @@ use crate::event::{
 };
 use crate::response::{bytes_response, json_response, Response};
 use crate::state::AppState;
-use crate::store::{Status, StoredEvent};
+use crate::store::{RecordRef, Status, StoreError, StoredEvent};
 use crate::web::{discard_body, path_segment, query_param, read_body, LineFormat, Request};
 
 pub async fn handle(state: &Arc<AppState>, request: Request) -> Response {
@@ -66,8 +67,15 @@ enum SubjectPath<'a> {
 
 impl<'a> Endpoint<'a> {
     fn parse(path: &'a str) -> Option<Self> {
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        Some(match segments.as_slice() {
+        // No endpoint has more than five segments; a fixed array spares the lookup path an
+        // allocation.
+        let mut segments = [""; 5];
+        let mut count = 0;
+        for segment in path.trim_start_matches('/').split('/') {
+            *segments.get_mut(count)? = segment;
+            count += 1;
+        }
+        Some(match segments.get(..count)? {
             ["healthz"] => Endpoint::Health,
             ["metrics"] => Endpoint::Metrics,
             ["v1", "phones", phone] => Endpoint::Record(SubjectPath::Phone(phone)),
@@ -113,9 +121,10 @@ impl<'a> Endpoint<'a> {
 
 /// Checks in the same order as the webhooks: 404 → 405 → 401/403, then the endpoint.
 async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, HttpError> {
-    let path = request.uri().path().to_owned();
-    let endpoint = Endpoint::parse(&path);
-    let mut actor = DEFAULT_ACTOR.to_owned();
+    // A cheap clone (shared bytes) that outlives `request`, whose body the endpoint may consume.
+    let uri = request.uri().clone();
+    let endpoint = Endpoint::parse(uri.path());
+    let mut actor = DEFAULT_ACTOR;
     let refusal = match &endpoint {
         None => Some(HttpError::NotFound),
         Some(endpoint) if !endpoint.allows(request.method()) => Some(HttpError::MethodNotAllowed {
@@ -124,7 +133,7 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         Some(endpoint) => match (&state.api_tokens, endpoint.needs_token()) {
             (Some(tokens), true) => match tokens.authenticate(request.headers()) {
                 Ok(name) => {
-                    name.clone_into(&mut actor);
+                    actor = name;
                     None
                 }
                 Err(failure) => Some(HttpError::auth(failure)),
@@ -155,7 +164,7 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
         Some(Endpoint::Record(path)) if request.method() == Method::PUT => {
             let subject = subject(state, &path)?;
             let change = read_change(request).await?;
-            manual_change(state, subject, Kind::Suppress, change, actor).await?;
+            manual_change(state, subject, Kind::Suppress, change, actor.to_owned()).await?;
             subject_record(state, &path)
         }
         Some(Endpoint::Record(path)) if request.method() == Method::DELETE => {
@@ -163,7 +172,7 @@ async fn route(state: &Arc<AppState>, request: Request) -> Result<Response, Http
             let note = query_param(request.uri().query(), "note").map(|n| n.into_owned());
             let mut change = read_change(request).await?;
             change.note = change.note.or(note).filter(|n| !n.trim().is_empty());
-            lift(state, subject, change, actor).await?;
+            lift(state, subject, change, actor.to_owned()).await?;
             subject_record(state, &path)
         }
         Some(Endpoint::Record(path)) => subject_record(state, &path),
@@ -322,36 +331,56 @@ fn account_id(field: &str, value: &str) -> Result<String, HttpError> {
 
 fn subject_record(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {
     let subject = subject(state, path)?;
-    // Most numbers looked up are not suppressed: the in-memory index answers those without
-    // touching the database (a record that is not suppressed has no reasons to show).
-    let record = match &subject {
-        Subject::Phone { phone } if !state.store.phone_status(phone)?.suppressed => None,
-        _ => state.store.record(&subject)?,
-    };
+    // Kept in the lookup cache until the record changes, so without spare capacity.
+    let body = state.store.rendered_record(&subject, |record| {
+        Ok(Bytes::from(
+            record_json(&subject, record)?.into_boxed_slice(),
+        ))
+    })?;
     state.metrics.lookups(false, 1);
-    let (status, reasons) = match &record {
+    Ok(bytes_response(StatusCode::OK, "application/json", body))
+}
+
+/// A subject's record as the API shows it; a subject never seen is simply not suppressed.
+fn record_json(subject: &Subject, record: Option<&RecordRef>) -> Result<Vec<u8>, StoreError> {
+    let (status, reasons) = match record {
         Some(record) => (record.status()?, Some(record.reasons_json()?)),
         None => (Status::default(), None),
     };
-    let empty = RawValue::from_string("[]".to_owned())
-        .map_err(|e| HttpError::bad_request(e.to_string()))?;
     let view = RecordView {
-        subject: &subject,
+        subject,
         suppressed: status.suppressed,
         since: status.since_ms.map(ms_to_secs),
-        reasons: reasons.unwrap_or(&empty),
+        reasons,
     };
-    Ok(json_response(StatusCode::OK, &view))
+    let mut body = Vec::with_capacity(RECORD_JSON_BYTES + reasons.map_or(0, |r| r.get().len()));
+    // Writing an in-memory value into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut body, &view);
+    Ok(body)
 }
 
-/// The public shape of a record; a subject never seen is simply not suppressed.
+/// The length of a record's JSON without its reasons, at most (a 15-digit phone).
+const RECORD_JSON_BYTES: usize = 80;
+
+/// The public shape of a record.
 #[derive(Serialize)]
 struct RecordView<'a> {
     #[serde(flatten)]
     subject: &'a Subject,
     suppressed: bool,
     since: Option<i64>,
-    reasons: &'a RawValue,
+    #[serde(serialize_with = "reasons_or_none")]
+    reasons: Option<&'a RawValue>,
+}
+
+fn reasons_or_none<S: serde::Serializer>(
+    reasons: &Option<&RawValue>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match reasons {
+        Some(reasons) => reasons.serialize(serializer),
+        None => serializer.collect_seq(std::iter::empty::<()>()),
+    }
 }
 
 fn subject_history(state: &AppState, path: &SubjectPath<'_>) -> Result<Response, HttpError> {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use super::history::{carried_entry, history_entries, parse_entry, KeyOfStoredEvent};
-use super::hot::HotRecords;
+use super::hot::HotAnswers;
 use super::index::{since_if_suppressed, IndexBuilder, PhoneIndex};
 use super::keys::{
     entry_order, history_key, history_prefix, inline_entry, phone_of_record_key, record_key,
@@ -110,11 +110,11 @@ impl View<'_> {
 pub(super) struct Views {
     pub phones: Arc<PhoneIndex>,
     pub suppressed_accounts: Arc<AtomicI64>,
-    pub hot: Arc<HotRecords>,
+    pub hot: Arc<HotAnswers>,
 }
 
 impl Views {
-    /// Views that cache no records: for replays into trees nobody looks up.
+    /// Views that cache no lookup answers: for replays into trees nobody looks up.
     pub fn new() -> Views {
         Views::with_lookup_cache(0)
     }
@@ -123,7 +123,7 @@ impl Views {
         Views {
             phones: Arc::new(PhoneIndex::new()),
             suppressed_accounts: Arc::new(AtomicI64::new(0)),
-            hot: Arc::new(HotRecords::new(bytes)),
+            hot: Arc::new(HotAnswers::new(bytes)),
         }
     }
 }

@@ -44,6 +44,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -452,25 +453,44 @@ impl Store {
             })
     }
 
-    /// A subject's stored record, `None` if never seen.
-    pub fn record(&self, subject: &Subject) -> Result<Option<RecordRef>, StoreError> {
-        // Only phone records are cached: they are what lookups ask for again and again.
+    /// What `render` makes of a subject's stored record (`None` if never seen, or for a phone
+    /// the index knows is not suppressed: such a record has no reasons to show). A phone's
+    /// rendering is kept in the lookup cache until its record is written again, so that a number
+    /// looked up again costs neither an index or sled read nor a rendering: `render` must
+    /// depend on nothing but the subject and its record, and there is one (the API's lookup
+    /// answer).
+    pub fn rendered_record(
+        &self,
+        subject: &Subject,
+        render: impl FnOnce(Option<&RecordRef>) -> Result<Bytes, StoreError>,
+    ) -> Result<Bytes, StoreError> {
         let number = match subject {
             Subject::Phone { phone } => crate::phone::e164_digits(phone),
             Subject::Account { .. } => None,
         };
-        if let Some(bytes) = number.and_then(|number| self.views.hot.get(number)) {
-            return Ok(Some(RecordRef { bytes }));
+        let Some(number) = number else {
+            return render(self.record(subject)?.as_ref());
+        };
+        if let Some(answer) = self.views.hot.get(number) {
+            return Ok(answer);
         }
-        let generation = number.map(|number| (number, self.views.hot.generation(number)));
+        // Taken before the index is read: a write in between makes the answer not kept.
+        let generation = self.views.hot.generation(number);
+        let answer = if self.views.phones.status(number).suppressed {
+            render(self.record(subject)?.as_ref())?
+        } else {
+            render(None)?
+        };
+        self.views.hot.insert(number, generation, answer.clone());
+        Ok(answer)
+    }
+
+    fn record(&self, subject: &Subject) -> Result<Option<RecordRef>, StoreError> {
         let bytes = self
             .database
             .get()?
             .tree
             .get(record_key(&subject_key(subject)))?;
-        if let (Some((number, generation)), Some(bytes)) = (generation, &bytes) {
-            self.views.hot.insert(number, generation, bytes.clone());
-        }
         Ok(bytes.map(|bytes| RecordRef { bytes }))
     }
 
