@@ -17,12 +17,15 @@
 # on loopback in a temp directory, prints a table per comparison with both figures and the ratio
 # for every round and the medians, and stops everything it started, by PID.
 # COUNT numbers (default 1,000,000) are loaded into suppressd and Redis; DURATION (default 10)
-# seconds per measurement; ROUNDS (default 3).
+# seconds per measurement; ROUNDS (default 3). BEFORE=<git revision> also builds that revision
+# (in a worktree, into target/before) and measures it in the same rounds, so that a change is
+# judged against the build before it under the same conditions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${COUNT:-1000000}
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
+BEFORE=${BEFORE:-}
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -44,26 +47,40 @@ pids=()
 cleanup() {
   for p in "${pids[@]}" ${pid:-}; do kill "$p" 2>/dev/null || true; done
   [ -n "${pg_data:-}" ] && su postgres -c "$pg_bin/pg_ctl -D $pg_data -m immediate stop" >/dev/null 2>&1 || true
+  [ -n "$BEFORE" ] && git worktree remove --force "$work/before-src" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 figure() { awk -v k="$1" '{ for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) print substr($i, length(k) + 2) }'; }
 
-echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); build $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes')"
+echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); build $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes')${BEFORE:+, build before $(git rev-parse --short "$BEFORE")}"
 
 # --- suppressd, with COUNT numbers loaded as suppressed ------------------------------------
 awk -v n="$COUNT" 'BEGIN { for (i = 0; i < n; i++) printf "+49%012d\n", i }' > "$work/numbers.txt"
-bench_start
-./target/release/suppressd --api "http://$api" import "$work/numbers.txt" >/dev/null
-# An import of a million numbers or more makes a snapshot due (--snapshot-every-events); it is
-# written in the background. Measure after it, in the steady state a service spends its time in.
-if [ "$COUNT" -ge 1000000 ]; then
-  for _ in $(seq 600); do
-    curl -s "http://$api/metrics" | grep -q '^suppressd_store_snapshots_total [1-9]' && break
-    sleep 0.5
-  done
+load() { # API: imports the numbers, then waits for the snapshot that import makes due
+  ./target/release/suppressd --api "http://$1" import "$work/numbers.txt" >/dev/null
+  # An import of a million numbers or more makes a snapshot due (--snapshot-every-events); it
+  # is written in the background. Measure after it, in the steady state a service spends its
+  # time in.
+  if [ "$COUNT" -ge 1000000 ]; then
+    for _ in $(seq 600); do
+      curl -s "http://$1/metrics" | grep -q '^suppressd_store_snapshots_total [1-9]' && break
+      sleep 0.5
+    done
+  fi
+}
+if [ -n "$BEFORE" ]; then
+  git worktree add --detach "$work/before-src" "$BEFORE" >/dev/null 2>&1
+  cargo build --release --locked -q --manifest-path "$work/before-src/Cargo.toml" \
+    --target-dir target/before
+  bench_bin=target/before/release/suppressd bench_name=before bench_start
+  pids+=($pid)
+  before_api=$api before_webhook=$webhook
+  load "$before_api"
 fi
+bench_start
+load "$api"
 
 # --- Redis, the same numbers in one set ------------------------------------------------------
 redis_port=$(free_port)
@@ -149,6 +166,12 @@ for round in $(seq "$ROUNDS"); do
   results[s_stream,$round]=$(bulk suppressd-text "$api" "$COUNT" "$DURATION" | figure numbers/s)
   results[pg,$round]=$(pg_deliveries)
   results[s_deliveries,$round]=$(run_wrk "https://$webhook/webhooks/lox24" benches/lox24.lua 2)
+  if [ -n "$BEFORE" ]; then
+    results[b_lookup,$round]=$(COMPARE_COUNT=$COUNT run_wrk "http://$before_api/v1/phones/" benches/compare-lookup.lua 1)
+    results[b_bulk,$round]=$(bulk suppressd-json "$before_api" "$COUNT" "$DURATION" | figure numbers/s)
+    results[b_stream,$round]=$(bulk suppressd-text "$before_api" "$COUNT" "$DURATION" | figure numbers/s)
+    results[b_deliveries,$round]=$(run_wrk "https://$before_webhook/webhooks/lox24" benches/lox24.lua 2)
+  fi
 done
 
 # --- the table ------------------------------------------------------------------------------------
@@ -177,6 +200,13 @@ row "lookups vs nginx, 2 workers" s_lookup nginx2 1
 row "bulk JSON numbers vs Redis SMISMEMBER" s_bulk redis_bulk 1
 row "bulk text/plain numbers vs Redis SMISMEMBER" s_stream redis_bulk 1
 row "durable deliveries vs PostgreSQL inserts" s_deliveries pg 1
+if [ -n "$BEFORE" ]; then
+  row "build before: lookups vs Redis SISMEMBER" b_lookup redis_lookup 1
+  row "build before: lookups vs nginx, 2 workers" b_lookup nginx2 1
+  row "build before: bulk JSON numbers vs Redis SMISMEMBER" b_bulk redis_bulk 1
+  row "build before: bulk text/plain numbers vs Redis SMISMEMBER" b_stream redis_bulk 1
+  row "build before: durable deliveries vs PostgreSQL inserts" b_deliveries pg 1
+fi
 echo
 echo "| p99 latency (ms) | round | suppressd | peer |"
 echo "| --- | --- | --- | --- |"
@@ -184,4 +214,7 @@ for round in $(seq "$ROUNDS"); do
   printf '| lookups vs Redis | %s | %s | %s |\n' "$round" "$(echo "${results[s_lookup,$round]}" | cut -d' ' -f2)" "$(echo "${results[redis_lookup,$round]}" | cut -d' ' -f2)"
   printf '| lookups vs nginx, 1 worker (same wrk script) | %s | %s | %s |\n' "$round" "$(echo "${results[s_lookup,$round]}" | cut -d' ' -f2)" "$(echo "${results[nginx1,$round]}" | cut -d' ' -f2)"
   printf '| deliveries vs PostgreSQL (average) | %s | %s | %s |\n' "$round" "$(echo "${results[s_deliveries,$round]}" | cut -d' ' -f2)" "$(echo "${results[pg,$round]}" | cut -d' ' -f2)"
+  if [ -n "$BEFORE" ]; then
+    printf '| build before: lookups vs Redis | %s | %s | %s |\n' "$round" "$(echo "${results[b_lookup,$round]}" | cut -d' ' -f2)" "$(echo "${results[redis_lookup,$round]}" | cut -d' ' -f2)"
+  fi
 done
