@@ -76,7 +76,7 @@ if [ -n "$BEFORE" ]; then
     --target-dir target/before
   bench_bin=target/before/release/suppressd bench_name=before bench_start
   pids+=($pid)
-  before_api=$api before_webhook=$webhook
+  before_api=$api before_webhook=$webhook before_pid=$pid
   load "$before_api"
 fi
 bench_start
@@ -154,23 +154,40 @@ pg_deliveries() {
   awk '/^tps/ {t = $3} /latency average/ {a = $4} END {printf "%.0f %s\n", t, a}' "$work/pgb"
 }
 
+# Deliveries leave sled flushing their writes for seconds; the next measurement waits until the
+# service is idle again (under 5 % of a core, at most 30 s), so it does not pay for them.
+settle() { # PID
+  local before after
+  for _ in $(seq 30); do
+    before=$(awk '{print $14 + $15}' "/proc/$1/stat")
+    sleep 1
+    after=$(awk '{print $14 + $15}' "/proc/$1/stat")
+    [ $((after - before)) -le 5 ] && return
+  done
+}
 declare -A results
 for round in $(seq "$ROUNDS"); do
   echo "== round $round"
   results[redis_lookup,$round]=$(redis_lookups)
   results[s_lookup,$round]=$(COMPARE_COUNT=$COUNT run_wrk "http://$api/v1/phones/" benches/compare-lookup.lua 1)
+  if [ -n "$BEFORE" ]; then
+    results[b_lookup,$round]=$(COMPARE_COUNT=$COUNT run_wrk "http://$before_api/v1/phones/" benches/compare-lookup.lua 1)
+  fi
   results[nginx1,$round]=$(COMPARE_COUNT=$COUNT run_wrk "http://127.0.0.1:$nginx1_port/v1/phones/" benches/compare-lookup.lua 1)
   results[nginx2,$round]=$(COMPARE_COUNT=$COUNT run_wrk "http://127.0.0.1:$nginx2_port/v1/phones/" benches/compare-lookup.lua 1)
   results[redis_bulk,$round]=$(bulk redis "127.0.0.1:$redis_port" "$COUNT" "$DURATION" | figure numbers/s)
   results[s_bulk,$round]=$(bulk suppressd-json "$api" "$COUNT" "$DURATION" | figure numbers/s)
   results[s_stream,$round]=$(bulk suppressd-text "$api" "$COUNT" "$DURATION" | figure numbers/s)
-  results[pg,$round]=$(pg_deliveries)
-  results[s_deliveries,$round]=$(run_wrk "https://$webhook/webhooks/lox24" benches/lox24.lua 2)
   if [ -n "$BEFORE" ]; then
-    results[b_lookup,$round]=$(COMPARE_COUNT=$COUNT run_wrk "http://$before_api/v1/phones/" benches/compare-lookup.lua 1)
     results[b_bulk,$round]=$(bulk suppressd-json "$before_api" "$COUNT" "$DURATION" | figure numbers/s)
     results[b_stream,$round]=$(bulk suppressd-text "$before_api" "$COUNT" "$DURATION" | figure numbers/s)
+  fi
+  results[pg,$round]=$(pg_deliveries)
+  results[s_deliveries,$round]=$(run_wrk "https://$webhook/webhooks/lox24" benches/lox24.lua 2)
+  settle "$pid"
+  if [ -n "$BEFORE" ]; then
     results[b_deliveries,$round]=$(run_wrk "https://$before_webhook/webhooks/lox24" benches/lox24.lua 2)
+    settle "$before_pid"
   fi
 done
 
