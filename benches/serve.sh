@@ -17,6 +17,8 @@ bench_setup() {
 
 bench_start() {
   local name=${bench_name:-data}
+  # Emptied first: a restart must not read the ports of the run before from its log.
+  : > "$work/$name.log"
   "${bench_bin:-./target/release/suppressd}" serve --data-dir "$work/$name" \
     --webhook-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
     --lox24-secret-file "$work/lox24.secret" "$@" 2> "$work/$name.log" &
