@@ -105,7 +105,7 @@ impl View<'_> {
 }
 
 /// The in-memory views kept beside the tree: the phone index, the suppressed-account count, and
-/// the phone records looked up lately.
+/// the answers to phone lookups asked for lately.
 #[derive(Clone)]
 pub(super) struct Views {
     pub phones: Arc<PhoneIndex>,

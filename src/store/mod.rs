@@ -233,7 +233,7 @@ pub struct StoreConfig {
     /// The size of one log segment file.
     pub segment_bytes: u64,
     pub snapshots: SnapshotPolicy,
-    /// Memory for the phone records looked up lately (see [`hot`]).
+    /// Memory for the answers to phone lookups asked for lately (see [`hot`]).
     pub lookup_cache_bytes: u64,
 }
 
